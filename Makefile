@@ -1,0 +1,35 @@
+# Two commands do all the set-up (see README.md): `make demo` and `make test`.
+# Both create .venv at the repository root if it is missing and (re)install when pyproject.toml changes.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lab install clean-venv
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Python 3.11 is needed; found " + sys.version.split()[0] + " at $(PYTHON) (set PYTHON=/path/to/python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Execute every numbered notebook in order on the demo preset; executed copies and results under results/.
+demo: $(STAMP)
+	$(BIN)/python -m lib.pipeline --preset demo
+
+# The CI gate (.ci/run calls exactly this): unit tests and every notebook on the smoke preset.
+test: $(STAMP)
+	PRESET=smoke $(BIN)/python -m pytest --nbval-lax tests notebooks
+
+# JupyterLab on this repository, localhost only, opened on the notebooks folder (the token is printed).
+lab: $(STAMP)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=$(CURDIR) --LabApp.default_url=/lab/tree/notebooks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,181 @@
+"""Presets: the named configurations of every notebook, defined once, here.
+
+Each notebook declares its parameters (name, type, default, meaning) and four presets, nnU-Net style:
+
+- ``smoke``:  CI on a CPU, seconds. Exercises every code path, learns nothing.
+- ``demo``:   a laptop CPU, minutes, on the built-in demo cohort; learns something measurable.
+- ``subset``: the validated small GPU configuration of the research notes.
+- ``prod``:   the full configuration of the research notes (GPU, hours to days).
+
+A preset is a small dictionary that only names what differs from the parameter defaults.
+:func:`resolve` merges defaults, preset and explicit overrides, and checks every key and type, so a
+typo or a wrong type fails loudly with the valid choices instead of silently training the wrong model.
+
+In a notebook, the cell tagged ``parameters`` sets ``preset`` (default ``$PRESET`` or ``demo``) and
+any override (``None`` means "the preset's value"); the next cell passes them to
+:func:`lib.runs.start_notebook`, which calls :func:`params_from_namespace` and :func:`resolve`.
+Papermill only warns about unknown ``-p`` names; the check here turns them into errors.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+PRESETS = ("smoke", "demo", "subset", "prod")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One notebook parameter: its default, the accepted type(s), and what it means."""
+
+    default: Any
+    type: type | tuple[type, ...]
+    help: str
+
+
+@dataclass(frozen=True)
+class NotebookSpec:
+    params: dict[str, Param]
+    presets: dict[str, dict[str, Any]]
+    about: str = ""
+
+
+class Config(dict):
+    """A resolved configuration: a plain, JSON-serialisable dict that also allows ``cfg.key``."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"configuration has no key {key!r}; keys: {sorted(self)}") from None
+
+
+# Parameters every notebook has.
+COMMON: dict[str, Param] = {
+    "seed": Param(0, int, "seeds python, numpy, torch and data-loader workers (lib.runs.seed_everything)"),
+    "device": Param("auto", str, "auto | cpu | cuda | cuda:N | mps; 'auto' honours $MEDIMG_DEVICE (lib.device)"),
+    "deterministic": Param(False, bool, "torch.use_deterministic_algorithms: bit-exact reruns, slower"),
+}
+
+
+def _spec(about: str, params: dict[str, Param] | None = None, **presets: dict[str, Any]) -> NotebookSpec:
+    missing = [p for p in PRESETS if p not in presets]
+    if missing:
+        raise ValueError(f"notebook spec {about!r} lacks presets {missing}")
+    return NotebookSpec(params={**COMMON, **(params or {})}, presets=presets, about=about)
+
+
+NOTEBOOKS: dict[str, NotebookSpec] = {
+    "01_explore_data": _spec(
+        "manifest status and a look at the local image files",
+        {
+            "max_files": Param(50, int, "at most this many local image files have their headers read"),
+            "n_preview": Param(6, int, "middle slices shown in the preview grid"),
+        },
+        smoke={"max_files": 4, "n_preview": 2},
+        demo={},
+        subset={"max_files": 500, "n_preview": 12},
+        prod={"max_files": 5000, "n_preview": 12},
+    ),
+    # The notebooks below hold only the common parameters until their issue lands; their presets
+    # are empty on purpose (the defaults of COMMON apply) and grow with the notebook.
+    "02_prepare_data": _spec("build or fetch, verify, preprocess and cache the data",
+                             smoke={}, demo={}, subset={}, prod={}),
+    "03_pretrain": _spec("self-supervised 3D pre-training", smoke={}, demo={}, subset={}, prod={}),
+    "04_ct_diffusion": _spec("latent diffusion for CT slice series", smoke={}, demo={}, subset={}, prod={}),
+    "05_cxr_change": _spec("longitudinal chest X-ray change detection", smoke={}, demo={}, subset={}, prod={}),
+    "06_xray_to_ct": _spec("biplanar X-ray to 3D CT", smoke={}, demo={}, subset={}, prod={}),
+    "07_evaluate": _spec("held-out numbers against baselines", smoke={}, demo={}, subset={}, prod={}),
+    "08_visualize": _spec("figures and interactive viewers", smoke={}, demo={}, subset={}, prod={}),
+}
+
+
+def _spec_of(notebook: str) -> NotebookSpec:
+    if notebook not in NOTEBOOKS:
+        raise ValueError(f"unknown notebook {notebook!r}; valid notebooks: {', '.join(NOTEBOOKS)}")
+    return NOTEBOOKS[notebook]
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    ts = t if isinstance(t, tuple) else (t,)
+    return " or ".join("None" if x is type(None) else x.__name__ for x in ts)
+
+
+def _check(notebook: str, key: str, value: Any, param: Param, origin: str) -> Any:
+    accepted = param.type if isinstance(param.type, tuple) else (param.type,)
+    # bool is an int in Python; a flag given as 1 or a count given as True is a mistake, not a cast.
+    if isinstance(value, bool) and bool not in accepted:
+        ok = False
+    elif float in accepted and type(value) is int:
+        return float(value)
+    elif tuple in accepted and isinstance(value, list):
+        return tuple(value)
+    else:
+        ok = isinstance(value, accepted)
+    if not ok:
+        raise ValueError(
+            f"{notebook}: parameter {key!r} ({origin}) must be {_type_name(param.type)}, "
+            f"got {type(value).__name__} {value!r}. {param.help}"
+        )
+    return value
+
+
+def resolve(notebook: str, preset: str, **overrides: Any) -> Config:
+    """The complete, validated configuration of ``notebook`` under ``preset``.
+
+    Defaults are overlaid by the preset, then by ``overrides``; an override of ``None`` keeps the
+    preset's value (that is how the notebooks' parameters cells say "not set").
+    Raises ``ValueError`` naming the valid choices for an unknown notebook, preset or key, and the
+    expected type for a value of the wrong type.
+    """
+    spec = _spec_of(notebook)
+    if not isinstance(preset, str) or preset not in spec.presets:
+        raise ValueError(f"{notebook}: unknown preset {preset!r}; valid presets: {', '.join(spec.presets)}")
+    unknown = sorted(set(overrides) - set(spec.params))
+    if unknown:
+        raise ValueError(
+            f"{notebook}: unknown parameter(s) {', '.join(unknown)}; valid parameters: "
+            f"preset, {', '.join(spec.params)}"
+        )
+    cfg = Config(notebook=notebook, preset=preset)
+    for key, param in spec.params.items():
+        value, origin = param.default, "default"
+        if key in spec.presets[preset]:
+            value, origin = spec.presets[preset][key], f"preset {preset}"
+        if overrides.get(key) is not None:
+            value, origin = overrides[key], "override"
+        cfg[key] = _check(notebook, key, value, param, origin)
+    return cfg
+
+
+def describe(notebook: str) -> str:
+    """A readable table of a notebook's parameters and presets (for docs and error messages)."""
+    spec = _spec_of(notebook)
+    lines = [f"{notebook}: {spec.about}", ""]
+    for key, p in spec.params.items():
+        per_preset = ", ".join(f"{name}={pre[key]!r}" for name, pre in spec.presets.items() if key in pre)
+        lines.append(f"  {key} ({_type_name(p.type)}, default {p.default!r}) {p.help}"
+                     + (f" [{per_preset}]" if per_preset else ""))
+    return "\n".join(lines)
+
+
+# Names IPython puts into a notebook's namespace by itself.
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+
+def params_from_namespace(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a notebook defined (its ``parameters`` cell plus what papermill injected).
+
+    Everything that is not private, an IPython built-in, a module, a function or a class counts, so
+    a mistyped ``papermill -p epcohs 3`` reaches :func:`resolve` and fails there.
+    """
+    out = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or name in _IPYTHON_NAMES:
+            continue
+        if isinstance(value, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type)):
+            continue
+        out[name] = value
+    return out

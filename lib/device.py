@@ -1,0 +1,83 @@
+"""Device and mixed-precision choice, made in this one place.
+
+Order: an explicit request (a notebook's ``device`` parameter) beats ``$MEDIMG_DEVICE``, which beats
+auto-detection (cuda, then mps, then cpu). Code elsewhere takes the resulting ``torch.device`` and
+never calls ``.cuda()``.
+
+Autocast dtype: bf16 on CPU (fp16 matmul on CPUs without AVX512-FP16 runs ~1000x slower than bf16)
+and on CUDA GPUs that support it natively (Ampere and newer); fp16 with a gradient scaler on older
+GPUs such as Kaggle's T4 (sm_75); fp16 on Apple MPS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+ENV_VAR = "MEDIMG_DEVICE"
+CHOICES = "auto | cpu | cuda | cuda:N | mps"
+_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The device to run on. ``requested`` is ``None``/``"auto"`` or one of :data:`CHOICES`."""
+    origin = "device parameter"
+    choice = (requested or "auto").strip().lower()
+    if choice == "auto" and os.environ.get(ENV_VAR):
+        choice, origin = os.environ[ENV_VAR].strip().lower(), f"${ENV_VAR}"
+    if not _PATTERN.match(choice):
+        raise ValueError(f"{origin}: unknown device {choice!r}; valid choices: {CHOICES}")
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{origin}: {choice!r} requested but CUDA is not available here; use 'auto' or 'cpu'")
+        index = int(choice.split(":")[1]) if ":" in choice else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"{origin}: {choice!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    if choice == "mps" and not _mps_available():
+        raise ValueError(f"{origin}: 'mps' requested but Apple MPS is not available here; use 'auto' or 'cpu'")
+    return torch.device(choice)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The mixed-precision dtype that fits ``device`` (never fp16 on a CPU)."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def needs_grad_scaler(device: torch.device) -> bool:
+    """fp16 autocast needs loss scaling against gradient underflow; bf16 does not."""
+    return autocast_dtype(device) == torch.float16
+
+
+def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
+    """``torch.autocast`` for ``device`` with :func:`autocast_dtype`."""
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device), enabled=enabled)
+
+
+def describe(device: torch.device) -> dict:
+    """What the device is, for run records."""
+    info = {"device": str(device), "autocast_dtype": str(autocast_dtype(device)).replace("torch.", "")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+    return info

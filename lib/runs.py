@@ -1,0 +1,388 @@
+"""Run records: one folder per notebook run, provenance, atomic writes, seeding.
+
+Layout::
+
+    results/
+      runs.csv                         index of all runs (one row per run, updated in place)
+      <notebook>/<run-id>/run.json     provenance and status of one run
+      <notebook>/<run-id>/...          its metrics (CSV/JSON), figures (PNG), checkpoints, executed notebook
+
+``run.json`` holds: run id, notebook, preset, the parameters as given and the resolved
+configuration, seed, git commit and dirty flag, library versions, device and autocast dtype, start
+and end time, wall time, status (``running`` → ``completed`` | ``failed`` | ``incomplete``) and any
+errors. Every file here is written to a temporary file in the same folder and renamed into place, so
+a crash never leaves a half-written record, metric, figure or checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import random
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from lib import config as _config
+from lib import paths
+
+RUN_ID_ENV = "MEDIMG_RUN_ID"
+INDEX_COLUMNS = ["run_id", "notebook", "preset", "status", "seed", "device", "git_commit", "git_dirty",
+                 "start_time", "end_time", "wall_time_s", "path"]
+_VERSIONED = ["torch", "monai", "numpy", "nibabel", "pydicom", "papermill", "medimg-lib"]
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    # Serialise first: an unserialisable object must fail before anything touches the disk.
+    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_csv(path: str | os.PathLike, rows: Any) -> Path:
+    """``rows``: a pandas DataFrame or a list of dicts (columns in first-seen order)."""
+    if hasattr(rows, "to_csv"):
+        return write_text(path, rows.to_csv(index=False))
+    rows = list(rows)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
+def save_figure(path: str | os.PathLike, fig: Any, dpi: int = 120) -> Path:
+    """Save a matplotlib figure as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if type(obj).__module__.startswith("torch"):
+        return str(obj)  # torch.device, torch.dtype
+    raise TypeError(f"cannot write {type(obj).__name__} {obj!r} to JSON")
+
+
+# --------------------------------------------------------------------------- seeding
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (CPU and every GPU); optionally demand deterministic kernels.
+
+    Data-loader workers: pass :func:`loader_seeding` to ``DataLoader`` so that each worker's
+    python and numpy generators derive from the loader's seeded torch generator.
+    """
+    import torch
+
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    os.environ["PYTHONHASHSEED"] = str(seed)  # for subprocesses; this process's hash seed is fixed at start
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: torch already seeded this worker from the loader's generator; follow it."""
+    import torch
+
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def loader_seeding(seed: int) -> dict[str, Any]:
+    """``DataLoader(..., **loader_seeding(seed))``: same seed, same batches and augmentations."""
+    import torch
+
+    return {"generator": torch.Generator().manual_seed(seed), "worker_init_fn": seed_worker}
+
+
+# --------------------------------------------------------------------------- provenance
+
+def git_info(root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the repository at ``root``; ``None`` values outside a git checkout."""
+    root = Path(root or paths.ROOT)
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def versions() -> dict[str, str | None]:
+    """Python, platform and the versions of the libraries that shape the numbers (no imports)."""
+    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def new_run_id(preset: str) -> str:
+    return f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{preset}-{secrets.token_hex(2)}"
+
+
+# --------------------------------------------------------------------------- the index
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock, the rename is still atomic
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_index(results_root: str | os.PathLike | None = None) -> list[dict[str, str]]:
+    """Rows of ``results/runs.csv`` (empty if there is none yet)."""
+    index = Path(results_root or paths.results_dir()) / "runs.csv"
+    if not index.exists():
+        return []
+    with open(index, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _update_index(results_root: Path, record: dict[str, Any]) -> None:
+    index = results_root / "runs.csv"
+    row = {
+        "run_id": record["run_id"], "notebook": record["notebook"], "preset": record["preset"],
+        "status": record["status"], "seed": record.get("seed"), "device": record.get("device", {}).get("device"),
+        "git_commit": record.get("git", {}).get("commit"), "git_dirty": record.get("git", {}).get("dirty"),
+        "start_time": record.get("start_time"), "end_time": record.get("end_time"),
+        "wall_time_s": record.get("wall_time_s"), "path": record["path"],
+    }
+    with _locked(index):
+        rows = [r for r in read_index(results_root) if r["run_id"] != row["run_id"]]
+        rows.append({k: ("" if row[k] is None else row[k]) for k in INDEX_COLUMNS})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(index, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- runs
+
+class Run:
+    """One run of one notebook: its folder, configuration, device and record.
+
+    Use as a context manager in scripts (an exception marks it failed), or through
+    :func:`start_notebook` in notebooks (a cell that raises marks it failed).
+    """
+
+    def __init__(self, notebook: str, cfg: _config.Config, *, params: dict[str, Any] | None = None,
+                 run_id: str | None = None, results_root: str | os.PathLike | None = None):
+        from lib import device as _device
+
+        self.notebook, self.config = notebook, cfg
+        self.results_root = Path(results_root or paths.results_dir())
+        self.run_id = run_id or os.environ.get(RUN_ID_ENV) or new_run_id(cfg["preset"])
+        self.dir = self.results_root / notebook / self.run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.seed = cfg.get("seed", 0)
+        seed_everything(self.seed, deterministic=bool(cfg.get("deterministic", False)))
+        self.device = _device.pick_device(cfg.get("device"))
+        self.amp_dtype = _device.autocast_dtype(self.device)
+        self._t0 = time.monotonic()
+        self.record: dict[str, Any] = {
+            "run_id": self.run_id, "notebook": notebook, "preset": cfg["preset"],
+            "status": "running", "params": params or {}, "config": dict(cfg), "seed": self.seed,
+            "git": git_info(), "versions": versions(), "device": _device.describe(self.device),
+            "start_time": _now(), "end_time": None, "wall_time_s": None, "errors": [],
+            "path": str(self.dir.relative_to(self.results_root)), "argv": sys.argv[:1],
+        }
+        self._save()
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    def path(self, *parts: str) -> Path:
+        """A path inside the run folder (parent folders created)."""
+        p = self.dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        return write_json(self.path(name), obj)
+
+    def save_csv(self, name: str, rows: Any) -> Path:
+        return write_csv(self.path(name), rows)
+
+    def save_figure(self, name: str, fig: Any, dpi: int = 120) -> Path:
+        return save_figure(self.path(name), fig, dpi=dpi)
+
+    def _save(self) -> None:
+        write_json(self.dir / "run.json", self.record)
+        _update_index(self.results_root, self.record)
+
+    def _close(self, status: str) -> None:
+        self.record.update(status=status, end_time=_now(),
+                           wall_time_s=round(time.monotonic() - self._t0, 3))
+        self._save()
+
+    def finish(self, **summary: Any) -> "Run":
+        """Mark the run completed; ``summary`` (small, JSON-able) is stored in ``run.json``."""
+        if summary:
+            self.record.setdefault("summary", {}).update(summary)
+        self._close("completed")
+        print(f"run {self.run_id} completed in {self.record['wall_time_s']:.1f} s -> {self.dir}")
+        return self
+
+    def fail(self, error: BaseException | str) -> None:
+        """Mark the run failed, keeping the error (type, message, traceback) in the record."""
+        if isinstance(error, BaseException):
+            text = "".join(traceback.format_exception_only(type(error), error)).strip()
+            tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        else:
+            text, tb = str(error), None
+        self.record["errors"].append({"time": _now(), "error": text, "traceback": tb})
+        self._close("failed")
+
+    def _mark_incomplete(self) -> None:
+        if self.record["status"] == "running":
+            self._close("incomplete")
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None:
+            self.fail(exc)
+        elif self.status == "running":
+            self.finish()
+        return False
+
+    def __repr__(self) -> str:
+        return f"Run({self.notebook!r}, {self.run_id!r}, status={self.status!r}, device={self.device})"
+
+
+def start_run(notebook: str, preset: str, **overrides: Any) -> Run:
+    """Resolve the configuration (see :func:`lib.config.resolve`), seed, pick the device, record."""
+    cfg = _config.resolve(notebook, preset, **overrides)
+    return Run(notebook, cfg, params={"preset": preset, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def start_notebook(notebook: str, namespace: dict[str, Any]) -> Run:
+    """The second cell of every notebook: ``run = start_notebook("03_pretrain", globals())``.
+
+    Takes the parameters the notebook defined (its ``parameters`` cell and papermill's injected
+    cell), resolves and validates them, seeds, picks the device and opens the run record. In a
+    Jupyter kernel, a later cell that raises marks the run failed, and a kernel that exits before
+    ``run.finish()`` leaves it ``incomplete``, never looking complete.
+    """
+    import atexit
+
+    params = _config.params_from_namespace(namespace)
+    if "preset" not in params:
+        raise ValueError(f"{notebook}: the parameters cell must define 'preset' "
+                         f"(one of {', '.join(_config.PRESETS)})")
+    preset = params.pop("preset")
+    run = start_run(notebook, preset, **params)
+    atexit.register(run._mark_incomplete)
+    try:
+        ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
+    except NameError:
+        ip = None
+    if ip is not None:
+        def _on_cell(result: Any) -> None:
+            err = getattr(result, "error_in_exec", None) or getattr(result, "error_before_exec", None)
+            if err is not None and run.status == "running":
+                run.fail(err)
+        ip.events.register("post_run_cell", _on_cell)
+    print(f"{notebook} · preset {preset} · run {run.run_id} · device {run.device} "
+          f"(autocast {str(run.amp_dtype).replace('torch.', '')}) · seed {run.seed}\n-> {run.dir}")
+    return run
+
+
+def mark_failed(run_dir: str | os.PathLike, notebook: str, preset: str, error: str,
+                results_root: str | os.PathLike | None = None) -> None:
+    """Record a failure for a run folder from outside the run (e.g. the notebook runner).
+
+    Works whether or not the notebook got as far as writing ``run.json``.
+    """
+    run_dir = Path(run_dir)
+    results_root = Path(results_root or paths.results_dir())
+    record_path = run_dir / "run.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        if record.get("status") == "failed":  # the notebook already recorded its own error
+            return
+    else:
+        record = {"run_id": run_dir.name, "notebook": notebook, "preset": preset, "params": {"preset": preset},
+                  "git": git_info(), "versions": versions(), "start_time": None, "errors": [],
+                  "path": str(run_dir.relative_to(results_root))}
+    record.setdefault("errors", []).append({"time": _now(), "error": error, "traceback": None})
+    record.update(status="failed", end_time=_now())
+    write_json(record_path, record)
+    _update_index(results_root, record)

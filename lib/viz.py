@@ -1,0 +1,48 @@
+"""Figures. Every figure a notebook shows is also saved as PNG in its run folder (Run.save_figure)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def slice_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 4,
+               percentiles: tuple[float, float] = (1.0, 99.0), size: float = 3.0):
+    """A grid of 2D images, each contrast-stretched to its own percentiles. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if len(images) == 0:
+        raise ValueError("slice_grid: no images given")
+    ncols = min(ncols, len(images))
+    nrows = -(-len(images) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, img) in enumerate(zip(axes.flat, images)):
+        lo, hi = np.percentile(img, percentiles)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def dataset_bars(summary):
+    """Files per dataset: expected (or listed) by the manifest against present on this machine."""
+    import matplotlib.pyplot as plt
+
+    names = list(summary["dataset"])
+    expected = [max(int(e or 0), int(l)) for e, l in zip(summary["expected_files"].fillna(0), summary["listed_files"])]
+    present = [int(p) for p in summary["present_files"]]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    ax.barh(y - 0.2, [max(e, 0.8) for e in expected], height=0.4, label="expected / listed", color="0.7")
+    ax.barh(y + 0.2, [max(p, 0.8) for p in present], height=0.4, label="present here", color="tab:blue")
+    ax.set_yticks(y, names)
+    ax.set_xscale("log")
+    ax.set_xlabel("files (log scale; unknown counts drawn at 1)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
