@@ -51,3 +51,17 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_same():
     assert ci_commands == ["make test"]
     for name in sorted(p.stem for p in paths.NOTEBOOKS_DIR.glob("*.ipynb")):
         assert name in readme, f"README does not describe {name}"
+
+
+def test_no_source_file_is_ignored_by_git():
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--others", "--ignored", "--exclude-standard",
+                          "lib", "tests", "notebooks", ".ci"], capture_output=True, text=True, check=True).stdout
+    ignored = [f for f in out.splitlines() if "__pycache__" not in f and ".ipynb_checkpoints" not in f]
+    assert ignored == [], f".gitignore hides source files: {ignored}"
