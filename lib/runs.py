@@ -259,7 +259,7 @@ class Run:
             "status": "running", "params": params or {}, "config": dict(cfg), "seed": self.seed,
             "git": git_info(), "versions": versions(), "device": _device.describe(self.device),
             "start_time": _now(), "end_time": None, "wall_time_s": None, "errors": [],
-            "path": str(self.dir.relative_to(self.results_root)), "argv": sys.argv[:1],
+            "path": str(self.dir.relative_to(self.results_root)),
         }
         self._save()
 

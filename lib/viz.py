@@ -33,15 +33,21 @@ def dataset_bars(summary):
     import matplotlib.pyplot as plt
 
     names = list(summary["dataset"])
-    expected = [max(int(e or 0), int(l)) for e, l in zip(summary["expected_files"].fillna(0), summary["listed_files"])]
+    expected = [max(int(e) if e == e and e is not None else 0, int(n))  # e == e: not NaN
+                for e, n in zip(summary["expected_files"], summary["listed_files"])]
     present = [int(p) for p in summary["present_files"]]
     y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
-    ax.barh(y - 0.2, [max(e, 0.8) for e in expected], height=0.4, label="expected / listed", color="0.7")
-    ax.barh(y + 0.2, [max(p, 0.8) for p in present], height=0.4, label="present here", color="tab:blue")
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
+    for offset, values, label, color in ((-0.2, expected, "expected / listed", "0.65"),
+                                         (0.2, present, "present here", "tab:blue")):
+        ax.barh(y + offset, values, height=0.4, label=label, color=color)
+        for yi, v in zip(y + offset, values):
+            text = f"{v:,}" if v or label == "present here" else "count unknown"
+            ax.text(max(v, 1) * 1.15, yi, text, va="center", fontsize=7)
     ax.set_yticks(y, names)
-    ax.set_xscale("log")
-    ax.set_xlabel("files (log scale; unknown counts drawn at 1)")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(0, max(expected + present + [10]) * 8)
+    ax.set_xlabel("files (symmetric log scale)")
     ax.invert_yaxis()
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
