@@ -82,7 +82,7 @@ def write_csv(path: str | os.PathLike, rows: Any) -> Path:
     for row in rows:
         columns += [k for k in row if k not in columns]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, buf.getvalue())
@@ -225,7 +225,7 @@ def _update_index(results_root: Path, record: dict[str, Any]) -> None:
         rows = [r for r in read_index(results_root) if r["run_id"] != row["run_id"]]
         rows.append({k: ("" if row[k] is None else row[k]) for k in INDEX_COLUMNS})
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(buf, fieldnames=INDEX_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_text(index, buf.getvalue())
