@@ -98,3 +98,87 @@ def test_survey_reads_dicom_headers():
     info = survey.header_info(ct)
     assert info["format"] == "dicom" and info["modality"] == "CT" and info["shape"] == (128, 128)
     assert survey.middle_slice(ct).min() < -500  # rescale intercept applied: air is negative HU
+
+
+# --------------------------------------------------------------------------- verify and fetch
+
+def _row(**kw):
+    base = dict.fromkeys(manifest.COLUMNS, "")
+    base.update(split="train", modality="CT", channels="1", source="builtin:test", licence="x", fetch="x")
+    base.update(kw)
+    return base
+
+
+def test_verify_reports_missing_size_and_checksum_problems_per_file(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "data"
+    (root / "d").mkdir(parents=True)
+    np.save(root / "d" / "a.npy", np.arange(4, dtype=np.float32))
+    (root / "d" / "b.csv").write_text("x\n1\n")
+    rows = [_row(dataset="d", case_id="a", path="d/a.npy", checksum=manifest.checksum(root / "d" / "a.npy")),
+            _row(dataset="d", case_id="b", path="d/b.csv", checksum=manifest.checksum(root / "d" / "b.csv"),
+                 bytes=str((root / "d" / "b.csv").stat().st_size)),
+            _row(dataset="d", case_id="c", path="d/c.npy", checksum="array-sha256:00")]
+    path = tmp_path / "m.csv"
+    pd.DataFrame(rows, columns=manifest.COLUMNS).to_csv(path, index=False)
+    assert manifest.verify(data_root=root, manifest_path=path) == ["d/c.npy: missing (" + str(root / "d" / "c.npy") + ")"]
+    np.save(root / "d" / "a.npy", np.arange(4, dtype=np.float32) + 1)   # same size, other values
+    (root / "d" / "b.csv").write_text("x\n12\n")                         # other size
+    problems = manifest.verify(data_root=root, manifest_path=path)
+    assert any(p.startswith("d/a.npy: checksum") for p in problems)
+    assert any(p.startswith("d/b.csv: size 5 bytes, manifest says 4") for p in problems)
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        manifest.verify("nope", data_root=root, manifest_path=path)
+
+
+def test_verify_cli_exit_status(tmp_path, monkeypatch, capsys):
+    from lib.data import demo
+
+    monkeypatch.setenv("MEDIMG_DATA_DIR", str(tmp_path))
+    assert manifest.main(["verify", "--dataset", "smoke_cohort"]) == 1   # nothing built yet
+    assert "missing" in capsys.readouterr().out
+    demo.build(tmp_path / "smoke", "smoke", progress=False)
+    for part in ("smoke_cohort", "smoke_cxr_pairs"):
+        assert manifest.main(["verify", "--dataset", part]) == 0
+
+
+def _fake_kaggle(tmp_path):
+    """A stand-in for the kaggle CLI that 'downloads' a zip into the -p folder and logs its arguments."""
+    import stat
+    import sys
+    import zipfile
+
+    payload = tmp_path / "payload.zip"
+    with zipfile.ZipFile(payload, "w") as z:
+        z.writestr("series/a.dcm", b"DICM-bytes")
+    script = tmp_path / "kaggle"
+    script.write_text(f"""#!{sys.executable}
+import shutil, sys
+args = sys.argv[1:]
+open({str(tmp_path / 'args.txt')!r}, 'w').write(' '.join(args))
+shutil.copy({str(payload)!r}, args[args.index('-p') + 1] + '/download.zip')
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def test_fetch_from_kaggle_with_and_without_credentials(tmp_path, monkeypatch):
+    for var in ("KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-config"))
+    with pytest.raises(RuntimeError, match=r"kaggle.json in ~/.kaggle/.*accept the competition rules"):
+        manifest.fetch("rsna2025_aneurysm", data_root=tmp_path / "data")
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-real-key")
+    target = manifest.fetch("rsna2025_aneurysm", data_root=tmp_path / "data", kaggle=str(_fake_kaggle(tmp_path)))
+    assert target == tmp_path / "data" / "raw" / "rsna2025_aneurysm"
+    assert (target / "series" / "a.dcm").read_bytes() == b"DICM-bytes" and not list(target.glob("*.zip"))
+    assert (tmp_path / "args.txt").read_text().startswith("competitions download -c rsna-intracranial-aneurysm-detection -p ")
+
+
+def test_fetch_explains_manual_and_builtin_sources(tmp_path):
+    with pytest.raises(RuntimeError, match="fetched by hand: TCIA collection LIDC-IDRI.*verify --dataset lidc_idri"):
+        manifest.fetch("lidc_idri", data_root=tmp_path)
+    with pytest.raises(RuntimeError, match="built, not fetched: python -m lib.data.demo --size demo"):
+        manifest.fetch("demo_cohort", data_root=tmp_path)
