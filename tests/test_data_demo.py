@@ -7,11 +7,9 @@ import pytest
 from lib.data import demo, drr, manifest, phantoms as ph
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cohort") / "smoke"
-    demo.build(out, "smoke", seed=0, progress=False)
-    return out
+@pytest.fixture
+def smoke(smoke_cohort):
+    return smoke_cohort
 
 
 def test_a_fresh_build_matches_the_committed_manifest_checksums(smoke):

@@ -1,0 +1,292 @@
+"""Datasets and loaders over a cohort folder (the built-in demo cohort, or real data laid out the same way).
+
+- :class:`VolumeDataset`: brain MRI (1 channel, intensity-normalised) or CT (3 windows from HU), with
+  the research's augmentations (random flip, random 90° rotation, Gaussian noise 0.01, resize to the
+  preset size). Preprocessing (reorientation, windows, isotropic resampling, crop/pad) runs once per
+  file and parameter set and is cached (:class:`lib.data.cache.ArrayCache`).
+- :class:`AlternatingLoader`: MRI and CT batches cannot share a batch (1 vs 3 channels); it alternates
+  them, each with its own batch size.
+- :class:`SeriesPairs` (CT series translation), :class:`CXRPairs` (longitudinal radiographs and their
+  change maps), :class:`DRRVolumes` (radiographic views with their CT).
+
+Randomness comes from torch's generator only, so a loader built with :func:`lib.runs.loader_seeding`
+gives the same batches and augmentations for the same seed, with or without workers.
+
+Orientation of 2D frames and radiographs: rows run anterior→posterior (axial frames) or
+superior→inferior (radiographs), and the patient's right is on the image's left.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from lib.data import drr
+from lib.data.cache import ArrayCache
+from lib.data.io import load_volume
+from lib.data.transforms import WINDOWS, crop_or_pad, ct_windows, resample_isotropic, window
+
+MODALITIES = ("MRI", "CT")
+MRI_FILES = ("t1.nii.gz", "t2.nii.gz", "mra.nii.gz")
+
+
+# --------------------------------------------------------------------------- the cohort's tables
+
+def subjects(root: str | os.PathLike, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
+    """Rows of ``subjects.csv`` of a cohort, optionally one dataset and one split."""
+    path = Path(root) / "subjects.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no cohort here (build one: python -m lib.data.demo --size demo)")
+    df = pd.read_csv(path, dtype={"subject": str, "split": str}, keep_default_na=False)
+    if dataset is not None:
+        df = df[df["dataset"] == dataset]
+    if split is not None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        df = df[df["split"] == split]
+    return df.reset_index(drop=True)
+
+
+def volume_files(root: str | os.PathLike, modality: str, split: str | None = None) -> list[Path]:
+    """Volumes of one modality: MRI = every contrast of ``brain_mri``, CT = ``head_ct``."""
+    root = Path(root)
+    if modality == "MRI":
+        subs = subjects(root, "brain_mri", split)["subject"]
+        return [root / "brain_mri" / s / f for s in subs for f in MRI_FILES]
+    if modality == "CT":
+        return [root / "head_ct" / s / "ct.nii.gz" for s in subjects(root, "head_ct", split)["subject"]]
+    raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+
+
+# --------------------------------------------------------------------------- volume preprocessing
+
+def normalise_mri(array: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
+    """Per-volume percentile scaling of the foreground to [0, 1] (MRI has no physical unit)."""
+    fg = array[array > array.max() * 0.02] if array.max() > 0 else array
+    lo, hi = np.percentile(fg, [lower, upper]) if fg.size else (0.0, 1.0)
+    return np.clip((array - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def prepare_volume(path: str | os.PathLike, modality: str, spacing: float | None, size: Sequence[int]) -> np.ndarray:
+    """File → model-ready array ``[C, *size]``: RAS, MRI normalised or CT windowed (brain, subdural,
+    bone), resampled to ``spacing`` mm (``None`` keeps the grid), centre-cropped or padded to ``size``."""
+    volume = load_volume(path, channels=(1,) if modality == "MRI" else (1, 3))
+    if spacing is not None:
+        volume = resample_isotropic(volume, spacing)
+    if modality == "MRI":
+        array = normalise_mri(volume.array)
+    elif modality == "CT":
+        array = volume.array if volume.n_channels == 3 else ct_windows(volume.array)
+    else:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return crop_or_pad(np.asarray(array, np.float32), tuple(size), value=0.0)
+
+
+def augment_volume(x: torch.Tensor, noise_std: float = 0.01) -> torch.Tensor:
+    """Random flips (each axis, p=0.5), a random 90° rotation in a random plane, Gaussian noise."""
+    for axis in (1, 2, 3):
+        if torch.rand(()) < 0.5:
+            x = x.flip(axis)
+    k = int(torch.randint(0, 4, ()))
+    if k:
+        planes = ((1, 2), (1, 3), (2, 3))
+        x = torch.rot90(x, k, planes[int(torch.randint(0, 3, ()))])
+    return x + noise_std * torch.randn_like(x)
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear (3D) or bilinear (2D) resize of a channel-first tensor to ``size``."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[1:]) == size:
+        return x
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    return F.interpolate(x[None], size=size, mode=mode, align_corners=False)[0]
+
+
+class VolumeDataset(Dataset):
+    """Preprocessed (cached) volumes of one modality; items are ``[C, S, S, S]`` float32 tensors.
+
+    ``prep_size``/``spacing``: the cached grid (02_prepare_data); ``size``: the model's input size.
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike], modality: str, size: int, *, prep_size: Sequence[int] = (64, 64, 64),
+                 spacing: float | None = None, augment: bool = False, noise_std: float = 0.01,
+                 cache: ArrayCache | None = None):
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if not files:
+            raise ValueError(f"no {modality} files given")
+        self.files, self.modality, self.size = [Path(f) for f in files], modality, (int(size),) * 3
+        self.params = {"modality": modality, "spacing": spacing, "prep_size": list(prep_size), "windows":
+                       list(("brain", "subdural", "bone")) if modality == "CT" else None}
+        self.augment, self.noise_std, self.cache = augment, noise_std, cache
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def array(self, i: int) -> np.ndarray:
+        path = self.files[i]
+        compute = lambda: prepare_volume(path, self.modality, self.params["spacing"], self.params["prep_size"])  # noqa: E731
+        return compute() if self.cache is None else self.cache.get(path, self.params, compute)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.from_numpy(np.array(self.array(i), dtype=np.float32))
+        if self.augment:
+            x = augment_volume(x, self.noise_std)
+        return resize(x, self.size)
+
+
+class AlternatingLoader:
+    """Alternates batches of two loaders: ``("MRI", batch), ("CT", batch), ...``.
+
+    When one is exhausted the other finishes its epoch, so an epoch sees every sample of both. The
+    order is fixed (it starts with the first loader), so seeded loaders give a seeded sequence.
+    """
+
+    def __init__(self, loaders: dict[str, DataLoader]):
+        if len(loaders) != 2:
+            raise ValueError(f"AlternatingLoader takes two named loaders, got {list(loaders)}")
+        self.loaders = loaders
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders.values())
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        iterators = {name: iter(loader) for name, loader in self.loaders.items()}
+        while iterators:
+            for name in list(iterators):
+                try:
+                    yield name, next(iterators[name])
+                except StopIteration:
+                    del iterators[name]
+
+
+# --------------------------------------------------------------------------- paired data for the other families
+
+def axial_frames(array: np.ndarray) -> np.ndarray:
+    """``[X, Y, Z]`` RAS volume → ``[Z, Y, X]`` frames, superior first, anterior up, patient right on the left."""
+    return np.ascontiguousarray(array[::-1, ::-1, ::-1].transpose(2, 1, 0))
+
+
+class SeriesPairs(Dataset):
+    """Paired chest CT series as frame stacks: ``{"baseline", "target"}`` each ``[1, T, H, W]`` in [-1, 1].
+
+    Frames are axial slices under the diffusion window (centre 200, width 1800 HU). Training draws a
+    random run of ``frames`` consecutive slices; evaluation takes the central run.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, frames: int, size: int, *, random_start: bool = False,
+                 cache: ArrayCache | None = None, source: str = "noncontrast", target: str = "contrast"):
+        self.root, self.frames, self.size, self.random_start, self.cache = Path(root), frames, size, random_start, cache
+        self.subjects = list(subjects(root, "chest_ct", split)["subject"])
+        self.names = (source, target)
+        if not self.subjects:
+            raise ValueError(f"no chest_ct subjects in split {split!r} of {root}")
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def _stack(self, subject: str, name: str) -> np.ndarray:
+        path = self.root / "chest_ct" / subject / f"{name}.nii.gz"
+
+        def compute():
+            v = load_volume(path, channels=(1,))
+            frames = axial_frames(window(v.array[0], *WINDOWS["diffusion"], out_range=(-1.0, 1.0)))
+            return resize(torch.from_numpy(frames), (self.size, self.size)).numpy()
+
+        params = {"frames": "axial", "window": "diffusion", "size": self.size}
+        return compute() if self.cache is None else self.cache.get(path, params, compute)
+
+    def __getitem__(self, i: int) -> dict:
+        subject = self.subjects[i]
+        a, b = (self._stack(subject, n) for n in self.names)
+        if self.frames > a.shape[0]:
+            raise ValueError(f"{subject}: {self.frames} frames asked, the series has {a.shape[0]}")
+        start = int(torch.randint(0, a.shape[0] - self.frames + 1, ())) if self.random_start else (a.shape[0] - self.frames) // 2
+        sl = slice(start, start + self.frames)
+        return {"baseline": torch.from_numpy(np.array(a[sl]))[None], "target": torch.from_numpy(np.array(b[sl]))[None],
+                "subject": subject, "start": start}
+
+
+class CXRPairs(Dataset):
+    """Longitudinal radiograph pairs: ``baseline``, ``followup``, ``change`` each ``[1, S, S]``."""
+
+    def __init__(self, root: str | os.PathLike, split: str, size: int | None = None):
+        self.root, self.size = Path(root), size
+        table = pd.read_csv(self.root / "cxr_pairs" / "pairs.csv", keep_default_na=False, dtype={"split": str})
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        self.pairs = table[table["split"] == split].reset_index(drop=True)
+        if self.pairs.empty:
+            raise ValueError(f"no CXR pairs in split {split!r} of {root}")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.pairs.iloc[i]
+        item = {"pair": row["pair"], "nuisance_only": bool(int(row["nuisance_only"]))}
+        for name in ("baseline", "followup", "change"):
+            x = torch.from_numpy(np.load(self.root / "cxr_pairs" / row["pair"] / f"{name}.npy"))[None]
+            item[name] = x if self.size is None else resize(x, (self.size, self.size))
+        return item
+
+
+class DRRVolumes(Dataset):
+    """Radiographic views of a chest CT and the CT itself, for X-ray → CT.
+
+    ``views``: ``[V, 1, S, S]`` DRRs at ``angles`` (0 frontal, 90 lateral from the cohort's files; other
+    angles rendered from the CT with the cohort's Beer–Lambert model and cached). ``ct``:
+    ``[1, D, D, D]`` with HU mapped linearly from ``hu_range`` to [0, 1] (clipped).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, angles: Sequence[float] = (0.0, 90.0), image_size: int = 64,
+                 volume_size: int = 32, hu_range: tuple[float, float] = (-1000.0, 1000.0), cache: ArrayCache | None = None):
+        if not angles:
+            raise ValueError("DRRVolumes needs at least one view angle")
+        self.root, self.angles, self.image_size, self.volume_size = Path(root), tuple(float(a) for a in angles), image_size, volume_size
+        self.hu_range, self.cache = hu_range, cache
+        self.subjects = list(subjects(root, "chest_ct", split)["subject"])
+        if not self.subjects:
+            raise ValueError(f"no chest_ct subjects in split {split!r} of {root}")
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def ct_path(self, subject: str) -> Path:
+        return self.root / "chest_ct" / subject / "noncontrast.nii.gz"
+
+    def _view(self, subject: str, angle: float) -> np.ndarray:
+        stored = {0.0: "frontal", 90.0: "lateral"}.get(angle % 360)
+        if stored is not None:
+            return np.load(self.root / "drr" / subject / f"{stored}.npy")
+        path = self.ct_path(subject)
+
+        def compute():
+            v = load_volume(path, channels=(1,))
+            return drr.radiograph(v.array[0], v.spacing, angle, size=np.load(self.root / "drr" / subject / "frontal.npy").shape[0])
+
+        return compute() if self.cache is None else self.cache.get(path, {"drr_angle": angle, **drr.parameters()}, compute)
+
+    def __getitem__(self, i: int) -> dict:
+        subject = self.subjects[i]
+        views = torch.stack([resize(torch.from_numpy(np.array(self._view(subject, a), np.float32))[None],
+                                    (self.image_size, self.image_size)) for a in self.angles])
+        path = self.ct_path(subject)
+
+        def compute():
+            v = load_volume(path, channels=(1,))
+            lo, hi = self.hu_range
+            x = np.clip((v.array - lo) / (hi - lo), 0.0, 1.0)
+            return resize(torch.from_numpy(x), (self.volume_size,) * 3).numpy()
+
+        params = {"ct": "hu01", "hu_range": list(self.hu_range), "size": self.volume_size}
+        ct = compute() if self.cache is None else self.cache.get(path, params, compute)
+        return {"views": views, "ct": torch.from_numpy(np.array(ct, np.float32)), "subject": subject}
