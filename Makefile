@@ -19,12 +19,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# Execute every numbered notebook in order on the demo preset; executed copies and results under results/.
+# Build (or verify) the built-in demo cohort, then execute every numbered notebook in order on the demo
+# preset; executed copies and results under results/.
 demo: $(STAMP)
+	$(BIN)/python -m lib.data.demo --size demo --ensure
 	$(BIN)/python -m lib.pipeline --preset demo
 
-# The CI gate (.ci/run calls exactly this): unit tests and every notebook on the smoke preset.
+# The CI gate (.ci/run calls exactly this): unit tests and every notebook on the smoke preset
+# (the smoke cohort is built first, in seconds, so that the notebooks have data to work on).
 test: $(STAMP)
+	$(BIN)/python -m lib.data.demo --size smoke --ensure --quiet
 	PRESET=smoke $(BIN)/python -m pytest --nbval-lax tests notebooks
 
 # JupyterLab on this repository, localhost only, opened on the notebooks folder (the token is printed).

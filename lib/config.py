@@ -33,6 +33,7 @@ class Param:
     default: Any
     type: type | tuple[type, ...]
     help: str
+    choices: tuple | None = None  # the allowed values, when the parameter is categorical
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,32 @@ NOTEBOOKS: dict[str, NotebookSpec] = {
     "01_explore_data": _spec(
         "manifest status and a look at the local image files",
         {
-            "max_files": Param(50, int, "at most this many local image files have their headers read"),
-            "n_preview": Param(6, int, "middle slices shown in the preview grid"),
+            "max_files": Param(400, int, "at most this many local image files have their headers read"),
+            "n_preview": Param(8, int, "middle slices shown in the preview grid"),
+            "hist_files": Param(3, int, "files per dataset and modality whose intensities are histogrammed"),
         },
-        smoke={"max_files": 4, "n_preview": 2},
+        smoke={"max_files": 100, "n_preview": 4, "hist_files": 1},
         demo={},
-        subset={"max_files": 500, "n_preview": 12},
-        prod={"max_files": 5000, "n_preview": 12},
+        subset={"max_files": 2000, "n_preview": 12},
+        prod={"max_files": 10000, "n_preview": 12, "hist_files": 5},
+    ),
+    "02_prepare_data": _spec(
+        "build or fetch, verify, preprocess and cache the data",
+        {
+            "cohort": Param("demo", str, "built-in cohort size to build and prepare (lib.data.demo)", ("smoke", "demo")),
+            "rebuild": Param(False, bool, "rebuild the cohort even if it verifies against data_manifest.csv"),
+            "fetch": Param("", str, "comma-separated real datasets of data_manifest.csv to download (opt-in; needs credentials)"),
+            "spacing": Param(None, (float, type(None)), "isotropic spacing (mm) of prepared volumes; None keeps the grid"),
+            "prep_size": Param(64, int, "prepared volumes are centre-cropped or padded to this size (voxels per axis)"),
+            "throughput_files": Param(24, int, "volumes read to measure decoding .nii.gz against the cache"),
+        },
+        smoke={"cohort": "smoke", "prep_size": 48, "throughput_files": 4},
+        demo={},
+        subset={"spacing": 1.5, "prep_size": 128},
+        prod={"spacing": 1.0, "prep_size": 160},
     ),
     # The notebooks below hold only the common parameters until their issue lands; their presets
     # are empty on purpose (the defaults of COMMON apply) and grow with the notebook.
-    "02_prepare_data": _spec("build or fetch, verify, preprocess and cache the data",
-                             smoke={}, demo={}, subset={}, prod={}),
     "03_pretrain": _spec("self-supervised 3D pre-training", smoke={}, demo={}, subset={}, prod={}),
     "04_ct_diffusion": _spec("latent diffusion for CT slice series", smoke={}, demo={}, subset={}, prod={}),
     "05_cxr_change": _spec("longitudinal chest X-ray change detection", smoke={}, demo={}, subset={}, prod={}),
@@ -119,6 +134,9 @@ def _check(notebook: str, key: str, value: Any, param: Param, origin: str) -> An
             f"{notebook}: parameter {key!r} ({origin}) must be {_type_name(param.type)}, "
             f"got {type(value).__name__} {value!r}. {param.help}"
         )
+    if param.choices is not None and value not in param.choices:
+        raise ValueError(f"{notebook}: parameter {key!r} ({origin}) is {value!r}; valid choices: "
+                         f"{', '.join(map(str, param.choices))}")
     return value
 
 

@@ -85,3 +85,9 @@ def test_params_from_namespace_keeps_values_and_drops_modules_functions_and_ipyt
 def test_describe_lists_parameters_and_preset_values():
     text = config.describe("01_explore_data")
     assert "max_files" in text and "smoke=4" in text
+
+
+def test_categorical_parameters_name_their_choices():
+    with pytest.raises(ValueError, match="'cohort' \\(override\\) is 'huge'; valid choices: smoke, demo"):
+        config.resolve("02_prepare_data", "demo", cohort="huge")
+    assert config.resolve("02_prepare_data", "demo", cohort="smoke").cohort == "smoke"

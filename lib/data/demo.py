@@ -288,6 +288,77 @@ def build(out: str | Path, size: str = "demo", seed: int = 0, progress: bool = T
     return info
 
 
+def cohort_dir(size: str) -> Path:
+    """Where the built-in cohort of ``size`` lives: ``<data root>/<size>``."""
+    from lib import paths
+
+    if size not in SIZES:
+        raise ValueError(f"unknown cohort size {size!r}; valid sizes: {', '.join(SIZES)}")
+    return paths.data_dir() / size
+
+
+def ensure(size: str, rebuild: bool = False, progress: bool = True) -> tuple[Path, dict]:
+    """The cohort of ``size``, built if missing, damaged or ``rebuild``; always verified.
+
+    Returns its folder and a report (``built``, seconds, files checked). Raises ``RuntimeError`` with the
+    mismatching files if a build does not reproduce the manifest's checksums.
+    """
+    from lib.data import manifest
+
+    out = cohort_dir(size)
+    t0 = time.monotonic()
+    problems = [] if rebuild else manifest.verify_cohort(out, size)
+    built = rebuild or bool(problems)
+    if built:
+        build(out, size, progress=progress)
+        problems = manifest.verify_cohort(out, size)
+    if problems:
+        raise RuntimeError(f"the {size} cohort in {out} does not match data_manifest.csv "
+                           f"({len(problems)} file(s)):\n  " + "\n  ".join(problems[:10]))
+    n = int((manifest.load_manifest()["source"] == f"builtin:{size}").sum())
+    return out, {"cohort": size, "path": str(out), "built": built, "files_verified": n,
+                 "seconds": round(time.monotonic() - t0, 1)}
+
+
+def summary(root: str | Path) -> "pd.DataFrame":
+    """Subjects (and CXR pairs) per dataset and split."""
+    import pandas as pd
+
+    root = Path(root)
+    subjects = pd.read_csv(root / "subjects.csv", keep_default_na=False)
+    pairs = pd.read_csv(root / "cxr_pairs" / "pairs.csv", keep_default_na=False).assign(dataset="cxr_pairs")
+    both = pd.concat([subjects[["dataset", "split"]], pairs[["dataset", "split"]]])
+    table = both.groupby(["dataset", "split"]).size().unstack(fill_value=0)
+    return table.reindex(columns=[s for s, _ in SPLITS]).assign(total=lambda t: t.sum(axis=1))
+
+
+def examples(root: str | Path, subject: str = "sub-000", pair: str | None = None) -> dict[str, np.ndarray]:
+    """One 2D view of every kind of image in the cohort, titled, for a gallery figure."""
+    import nibabel as nib
+
+    from lib.data.transforms import WINDOWS, window
+    from lib.viz import oriented_slice
+
+    root = Path(root)
+
+    def mid(path, axis=2, fraction=0.5):
+        v = np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
+        return oriented_slice(v, axis, int(v.shape[axis] * fraction))
+
+    out = {f"MRI {n.upper()}": mid(root / "brain_mri" / subject / f"{n}.nii.gz") for n in ("t1", "t2", "mra")}
+    ct = mid(root / "head_ct" / subject / "ct.nii.gz", fraction=0.35)
+    for name in ("brain", "subdural", "bone"):
+        out[f"head CT, {name} window"] = window(ct, *WINDOWS[name])
+    for name in ("noncontrast", "contrast"):
+        out[f"chest CT {name}"] = window(mid(root / "chest_ct" / subject / f"{name}.nii.gz", fraction=0.6), *WINDOWS["diffusion"])
+    for name in ("frontal", "lateral"):
+        out[f"DRR {name}"] = np.load(root / "drr" / subject / f"{name}.npy")
+    pair = pair or sorted(p.name for p in (root / "cxr_pairs").iterdir() if p.is_dir())[0]
+    for name in ("baseline", "followup", "change"):
+        out[f"CXR {name} ({pair})"] = np.load(root / "cxr_pairs" / pair / f"{name}.npy")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from lib import paths
     from lib.data import manifest
@@ -298,8 +369,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--update-manifest", action="store_true",
                         help="write this build's checksums into data_manifest.csv (after changing the generator)")
+    parser.add_argument("--ensure", action="store_true",
+                        help="build only if the cohort in <data root>/<size> is missing or does not verify")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.ensure:
+        if args.out or args.seed != 0 or args.update_manifest:
+            parser.error("--ensure works on the default folder and seed only")
+        try:
+            out, report = ensure(args.size, progress=not args.quiet)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.size} cohort {'built and ' if report['built'] else ''}verified "
+              f"({report['files_verified']} files, {report['seconds']} s) -> {out}")
+        return 0
     out = args.out or paths.data_dir() / args.size
     t0 = time.monotonic()
     build(out, args.size, args.seed, progress=not args.quiet)

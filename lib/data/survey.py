@@ -10,14 +10,18 @@ import pandas as pd
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm",)
+NPY_SUFFIXES = (".npy",)
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES + NPY_SUFFIXES
 
 
-def image_files(root: str | os.PathLike, limit: int | None = None) -> list[Path]:
-    """NIfTI and DICOM files under ``root``, sorted, at most ``limit`` of them."""
+def image_files(root: str | os.PathLike, limit: int | None = None, exclude: tuple[str, ...] = ("cache",)) -> list[Path]:
+    """NIfTI, DICOM and npy files under ``root`` (not in the top-level folders ``exclude``), sorted,
+    at most ``limit`` of them."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES + DICOM_SUFFIXES))
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                   and p.relative_to(root).parts[0] not in exclude)
     return found[:limit] if limit is not None else found
 
 
@@ -34,6 +38,9 @@ def header_info(path: str | os.PathLike) -> dict:
             info.update(format="nifti", shape=tuple(int(s) for s in img.shape),
                         spacing=tuple(round(float(z), 3) for z in img.header.get_zooms()),
                         orientation="".join(nib.aff2axcodes(img.affine)), dtype=str(img.get_data_dtype()))
+        elif path.name.lower().endswith(NPY_SUFFIXES):
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            info.update(format="npy", shape=tuple(int(s) for s in array.shape), dtype=str(array.dtype))
         else:
             import pydicom
 
@@ -60,9 +67,31 @@ def survey(root: str | os.PathLike, limit: int | None = None) -> pd.DataFrame:
                                        "dtype", "modality", "error"])
 
 
-def middle_slice(path: str | os.PathLike) -> np.ndarray:
-    """A 2D image to look at: the middle axial slice of a volume (RAS), or a DICOM frame."""
+def load_array(path: str | os.PathLike) -> np.ndarray:
+    """The decoded intensities of one file: a RAS volume (first channel/time point), a 2D npy image,
+    or a rescaled DICOM frame stack."""
     path = Path(path)
+    if path.name.lower().endswith(NPY_SUFFIXES):
+        return np.asarray(np.load(path, allow_pickle=False), np.float32)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        data = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
+        while data.ndim > 3:
+            data = data[..., 0]
+        return data
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+
+
+def middle_slice(path: str | os.PathLike) -> np.ndarray:
+    """A 2D image to look at: the middle axial slice of a volume (RAS), a 2D image, or a DICOM frame."""
+    path = Path(path)
+    if path.name.lower().endswith(NPY_SUFFIXES):
+        data = load_array(path)
+        return data if data.ndim == 2 else data[data.shape[0] // 2]
     if path.name.lower().endswith(NIFTI_SUFFIXES):
         import nibabel as nib
 
@@ -80,3 +109,41 @@ def middle_slice(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[arr.shape[0] // 2]
     return arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+
+
+def attach_manifest(files: pd.DataFrame, manifest: pd.DataFrame, root_prefix: str = "") -> pd.DataFrame:
+    """Add the manifest's ``dataset`` and ``modality`` to surveyed files (``unlisted`` when absent)."""
+    listed = manifest.set_index("path")[["dataset", "modality"]]
+    keys = [root_prefix + p for p in files["path"]]
+    out = files.copy()
+    out["dataset"] = [listed["dataset"].get(k, "unlisted") for k in keys]
+    out["modality"] = [m if isinstance(m, str) and m else listed["modality"].get(k, "") for k, m in zip(keys, files["modality"])]
+    return out
+
+
+def group_summary(files: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and modality: file count, and the distinct shapes, spacings and orientations."""
+    def distinct(values, limit=3):
+        vals = sorted({str(v) for v in values if v is not None and v == v})
+        return "; ".join(vals[:limit]) + (f"; ... ({len(vals)} distinct)" if len(vals) > limit else "")
+
+    rows = []
+    for (dataset, modality), g in files.groupby(["dataset", "modality"], sort=True):
+        rows.append({"dataset": dataset, "modality": modality, "files": len(g), "shapes": distinct(g["shape"]),
+                     "spacings": distinct(g["spacing"]), "orientations": distinct(g["orientation"]),
+                     "unreadable": int(g["error"].notna().sum())})
+    return pd.DataFrame(rows, columns=["dataset", "modality", "files", "shapes", "spacings", "orientations", "unreadable"])
+
+
+def intensity_samples(root: str | os.PathLike, files: pd.DataFrame, per_group: int = 3,
+                      max_values: int = 200_000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Intensities of up to ``per_group`` readable files per dataset and modality (subsampled)."""
+    rng = np.random.default_rng(seed)
+    samples = {}
+    readable = files[files["error"].isna()]
+    for (dataset, modality), g in readable.groupby(["dataset", "modality"], sort=True):
+        values = np.concatenate([load_array(Path(root) / p).ravel() for p in g["path"].head(per_group)])
+        if values.size > max_values:
+            values = rng.choice(values, max_values, replace=False)
+        samples[f"{dataset} {modality}"] = values
+    return samples
