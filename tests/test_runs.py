@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import runs
+from lib import config, runs
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def test_run_folder_record_and_index(results):
     rec = json.loads((run.dir / "run.json").read_text())
     assert run.dir.parent == results / "01_explore_data"
     assert rec["status"] == "running" and rec["preset"] == "smoke" and rec["seed"] == 3
-    assert rec["config"]["seed"] == 3 and rec["config"]["max_files"] == 4
+    assert rec["config"]["seed"] == 3 and rec["config"]["max_files"] == config.NOTEBOOKS["01_explore_data"].presets["smoke"]["max_files"]
     assert rec["params"] == {"preset": "smoke", "seed": 3}
     assert rec["versions"]["torch"] and rec["versions"]["monai"] and rec["versions"]["python"]
     assert rec["device"]["device"] == "cpu" and rec["device"]["autocast_dtype"] == "bfloat16"
