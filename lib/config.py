@@ -61,11 +61,34 @@ COMMON: dict[str, Param] = {
 }
 
 
-def _spec(about: str, params: dict[str, Param] | None = None, **presets: dict[str, Any]) -> NotebookSpec:
+# Parameters of every training notebook (03-06). The names are those of lib.train.TrainSettings
+# (which reads them from the resolved configuration) plus the optimiser and loader basics.
+_OPT_FLOAT = (float, type(None))
+TRAINING: dict[str, Param] = {
+    "epochs": Param(1, int, "passes over the training data"),
+    "batch_size": Param(2, int, "samples per micro-batch"),
+    "lr": Param(1e-4, float, "peak learning rate (AdamW)"),
+    "weight_decay": Param(1e-4, float, "AdamW weight decay"),
+    "grad_accum": Param(1, int, "micro-batches per optimizer step"),
+    "clip_grad_norm": Param(1.0, _OPT_FLOAT, "clip the gradient norm to this; None: no clipping"),
+    "warmup_epochs": Param(0.0, float, "linear warm-up before the cosine decay, in epochs"),
+    "ema_decay": Param(None, _OPT_FLOAT, "EMA of the weights (e.g. 0.999); None: off"),
+    "val_every": Param(1, int, "validate every N epochs"),
+    "ckpt_every": Param(0, int, "keep a checkpoint every N epochs besides last and best; 0: off"),
+    "time_budget_s": Param(None, _OPT_FLOAT, "stop cleanly with a checkpoint before this many seconds (Kaggle: ~11.5 h)"),
+    "amp": Param(True, bool, "mixed precision (bf16 on CPU and Ampere+, fp16 + loss scaling on older GPUs)"),
+    "num_workers": Param(0, int, "data-loader worker processes"),
+    "resume": Param(False, bool, "continue the run whose folder is given by $MEDIMG_RUN_ID from its last checkpoint"),
+}
+
+
+def _spec(about: str, params: dict[str, Param] | None = None, training: bool = False,
+          **presets: dict[str, Any]) -> NotebookSpec:
     missing = [p for p in PRESETS if p not in presets]
     if missing:
         raise ValueError(f"notebook spec {about!r} lacks presets {missing}")
-    return NotebookSpec(params={**COMMON, **(params or {})}, presets=presets, about=about)
+    return NotebookSpec(params={**COMMON, **(TRAINING if training else {}), **(params or {})},
+                        presets=presets, about=about)
 
 
 NOTEBOOKS: dict[str, NotebookSpec] = {

@@ -100,6 +100,7 @@ def test_atomic_writes_never_leave_a_half_written_file(tmp_path):
             1 / 0
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp files left behind
+    assert target.stat().st_mode & 0o777 == 0o666 & ~runs._UMASK  # not mkstemp's owner-only mode
 
 
 def test_write_csv_and_save_figure(tmp_path):

@@ -1,0 +1,235 @@
+"""Checkpoints of :mod:`lib.train`: written atomically, loaded safely, compared before a resume.
+
+A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` accepts: tensors, dicts,
+lists and primitive values only (numpy and python RNG states are converted), so loading one can
+never run code. Keys::
+
+    format      FORMAT
+    model       state_dict of the (unwrapped) model
+    optimizer   scheduler   scaler   ema (None when EMA is off)
+    progress    epoch, batch, step, skipped, in_a_row, lr, best, best_epoch, meters
+    rng         one entry per process: {"now": states, "epoch_start": states or None}
+    config      the resolved configuration (the caller's dict plus the training settings)
+    world_size  number of processes that wrote it
+
+Loading refuses a file whose pickle would import anything outside torch's weights-only allow-list
+(a pickle can run code while it loads, e.g. ``os.system``), naming the file and the imports, and
+reports a damaged or truncated one as such; :func:`newest_loadable` finds
+the previous good checkpoint to offer instead.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import pickletools
+import random
+import re
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from lib.runs import atomic_path
+
+FORMAT = "lib.train/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file's pickle would import code; it is refused, never loaded."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is damaged or truncated. ``fallback`` is the newest checkpoint beside it that loads."""
+
+    def __init__(self, message: str, fallback: Path | None = None):
+        super().__init__(message)
+        self.fallback = fallback
+
+
+class ConfigMismatchError(CheckpointError, ValueError):
+    """A resume was asked with a configuration other than the checkpoint's."""
+
+
+# What torch.load raises on damaged files varies with where the damage is (seen: OSError EINVAL,
+# RuntimeError "unexpected EOF", EOFError, IndexError, UnpicklingError); all of them mean "damaged".
+_READ_ERRORS = (OSError, RuntimeError, EOFError, IndexError, KeyError, ValueError, zipfile.BadZipFile,
+                pickle.UnpicklingError)
+
+
+def save(path: str | Path, obj: dict) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, renamed into place when complete."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def copy(src: str | Path, dst: str | Path) -> Path:
+    """Atomic copy (best.pt and epoch_NNNN.pt are copies of last.pt: no second serialisation)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
+def load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``.
+
+    Raises :class:`UnsafeCheckpointError` (naming the file and what its pickle would import) for a
+    file that could run code, :class:`CorruptCheckpointError` for a damaged or truncated one, and
+    ``FileNotFoundError`` for a missing one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols; the error below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path, str(e))
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path}: refused to load: its pickle would import {', '.join(unsafe)}, and a pickle that "
+                f"imports code can run it while loading (weights-only loading accepts tensors, dicts, lists "
+                f"and plain values only; lib.train never writes anything else). Delete the file unless you "
+                f"know exactly who wrote it and why.") from None
+        raise CorruptCheckpointError(f"{path}: damaged or truncated, cannot be read ({_short(e)})") from e
+    except _READ_ERRORS as e:
+        raise CorruptCheckpointError(f"{path}: damaged or truncated, cannot be read ({_short(e)})") from e
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}".strip()
+
+
+def _unsafe_globals(path: Path, message: str) -> list[str]:
+    found = set(re.findall(r"GLOBAL ([\w.]+)", message))
+    try:
+        if zipfile.is_zipfile(path):
+            found |= set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        else:  # a bare pickle: torch may stop at an opcode before it reaches the import
+            found |= _globals_in_pickle(path.read_bytes()) - _allowed_globals()
+    except Exception:  # damaged beyond reading: no evidence of imports
+        pass
+    return sorted(found)
+
+
+def _globals_in_pickle(data: bytes) -> set[str]:
+    """Every ``module.name`` a pickle would import, read from its opcodes (nothing is executed)."""
+    found, strings = set(), []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.add(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.add(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # truncated: keep what was read
+        pass
+    return found
+
+
+def _allowed_globals() -> set[str]:
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # a private helper: without it, trust only torch's own names
+        return set()
+
+
+def load_train_checkpoint(path: str | Path) -> dict:
+    """:func:`load`, then check that the file is a :mod:`lib.train` checkpoint."""
+    ckpt = load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a lib.train checkpoint (expected a dict with format={FORMAT!r})")
+    return ckpt
+
+
+def newest_loadable(folder: str | Path, exclude: Iterable[str | Path] = ()) -> tuple[Path, dict] | None:
+    """The checkpoint in ``folder`` with the most training steps that loads, and its progress."""
+    skip = {Path(p).resolve() for p in exclude}
+    best: tuple[Path, dict] | None = None
+    for path in sorted(Path(folder).glob("*.pt")):
+        if path.resolve() in skip:
+            continue
+        try:
+            progress = load_train_checkpoint(path)["progress"]
+        except (CheckpointError, OSError):
+            continue
+        if best is None or (progress["step"], progress["epoch"]) > (best[1]["step"], best[1]["epoch"]):
+            best = (path, progress)
+    return best
+
+
+# --------------------------------------------------------------------------- configuration
+
+def plain(config: Mapping) -> dict:
+    """A configuration as plain JSON values (tuples become lists, devices and paths strings)."""
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def config_diff(saved: Mapping, current: Mapping, ignore: Iterable[str] = ()) -> list[str]:
+    """Lines ``key: checkpoint X, now Y`` for every key whose value differs (``ignore`` excepted)."""
+    missing = object()
+    saved, current, ignore = plain(saved), plain(current), set(ignore)
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if key in ignore or a == b:
+            continue
+        show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+        lines.append(f"{key}: checkpoint {show(a)}, now {show(b)}")
+    return lines
+
+
+# --------------------------------------------------------------------------- RNG states
+
+def first_nonfinite(module: torch.nn.Module) -> str | None:
+    """Name of the first parameter or buffer holding NaN or Inf, else None (one device sync)."""
+    named = [(k, v) for k, v in module.state_dict().items() if v.is_floating_point() or v.is_complex()]
+    if not named:
+        return None
+    ok = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()
+    return None if bool(ok.all()) else named[int((~ok).nonzero()[0])][0]
+
+
+def get_rng(generators: Iterable[torch.Generator] = ()) -> dict:
+    """Python, numpy, torch (CPU and CUDA) and the given generators' states, as weights-only types."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "generators": [g.get_state() for g in generators],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng(state: dict, generators: Iterable[torch.Generator] = ()) -> None:
+    """Restore what :func:`get_rng` returned."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    generators = list(generators)
+    if len(generators) != len(state["generators"]):
+        raise CheckpointError(f"the checkpoint holds {len(state['generators'])} data-loader generator state(s), "
+                              f"the loader has {len(generators)}: build it as the interrupted run did")
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
