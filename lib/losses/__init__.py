@@ -1,0 +1,1 @@
+"""Losses and masking: tensors in, numbers out, one family per module."""
