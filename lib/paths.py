@@ -1,10 +1,14 @@
 """Where things live. Notebooks never build paths from their working directory: they ask here.
 
-``ROOT`` is the folder that holds ``lib/`` (the repository). Two environment variables move the
-writable roots elsewhere, e.g. for tests or a scratch disk:
+``ROOT`` is the folder that holds ``lib/`` (the repository, or the code dataset on Kaggle).
+Environment variables move the roots elsewhere, e.g. for tests or a scratch disk:
 
-- ``MEDIMG_RESULTS_DIR``: results root (default ``ROOT/results``)
-- ``MEDIMG_DATA_DIR``: data root with ``raw/``, ``processed/``, ``cache/`` (default ``ROOT/data``)
+- ``MEDIMG_RESULTS_DIR``: results root (default ``ROOT/results``; on Kaggle ``<working>/results``)
+- ``MEDIMG_DATA_DIR``: data root with ``raw/``, ``processed/``, ``cache/`` (default ``ROOT/data``;
+  on Kaggle ``<working>/data``)
+- ``MEDIMG_KAGGLE_INPUT`` / ``MEDIMG_KAGGLE_WORKING``: Kaggle's read-only input root (attached
+  datasets) and writable working root (default ``/kaggle/input`` and ``/kaggle/working``); code runs
+  "on Kaggle" when ``KAGGLE_KERNEL_RUN_TYPE`` is set, as Kaggle does in every kernel.
 """
 
 from __future__ import annotations
@@ -22,11 +26,34 @@ def _from_env(var: str, default: Path) -> Path:
     return Path(value).expanduser().resolve() if value else default
 
 
+def on_kaggle() -> bool:
+    """Whether this process runs inside a Kaggle kernel."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+
+
+def kaggle_input_root() -> Path:
+    return _from_env("MEDIMG_KAGGLE_INPUT", Path("/kaggle/input"))
+
+
+def kaggle_working_root() -> Path:
+    return _from_env("MEDIMG_KAGGLE_WORKING", Path("/kaggle/working"))
+
+
+def find_inputs(pattern: str) -> list[Path]:
+    """Files or folders matching ``pattern`` anywhere under the Kaggle input root, sorted.
+
+    Attached datasets mount at ``/kaggle/input/<slug>/`` or, lately, deeper
+    (``/kaggle/input/datasets/<owner>/<slug>/``): glob, never assume the depth.
+    """
+    root = kaggle_input_root()
+    return sorted(root.glob(f"**/{pattern}")) if root.is_dir() else []
+
+
 def results_dir() -> Path:
     """Root of all run folders, ``runs.csv`` and summaries."""
-    return _from_env("MEDIMG_RESULTS_DIR", ROOT / "results")
+    return _from_env("MEDIMG_RESULTS_DIR", kaggle_working_root() / "results" if on_kaggle() else ROOT / "results")
 
 
 def data_dir() -> Path:
     """Root of raw, processed and cached data (ignored by git)."""
-    return _from_env("MEDIMG_DATA_DIR", ROOT / "data")
+    return _from_env("MEDIMG_DATA_DIR", kaggle_working_root() / "data" if on_kaggle() else ROOT / "data")

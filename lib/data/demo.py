@@ -289,11 +289,16 @@ def build(out: str | Path, size: str = "demo", seed: int = 0, progress: bool = T
 
 
 def cohort_dir(size: str) -> Path:
-    """Where the built-in cohort of ``size`` lives: ``<data root>/<size>``."""
+    """Where the built-in cohort of ``size`` lives: ``<data root>/<size>``, or on Kaggle an attached
+    dataset holding ``<size>/cohort.json`` (found by globbing the input root) when there is one."""
     from lib import paths
 
     if size not in SIZES:
         raise ValueError(f"unknown cohort size {size!r}; valid sizes: {', '.join(SIZES)}")
+    if paths.on_kaggle():
+        attached = [p.parent for p in paths.find_inputs(f"{size}/cohort.json")]
+        if attached:
+            return attached[0]
     return paths.data_dir() / size
 
 
@@ -303,6 +308,7 @@ def ensure(size: str, rebuild: bool = False, progress: bool = True) -> tuple[Pat
     Returns its folder and a report (``built``, seconds, files checked). Raises ``RuntimeError`` with the
     mismatching files if a build does not reproduce the manifest's checksums.
     """
+    from lib import paths
     from lib.data import manifest
 
     out = cohort_dir(size)
@@ -310,6 +316,7 @@ def ensure(size: str, rebuild: bool = False, progress: bool = True) -> tuple[Pat
     problems = [] if rebuild else manifest.verify_cohort(out, size)
     built = rebuild or bool(problems)
     if built:
+        out = paths.data_dir() / size  # never write into an attached (read-only) dataset
         build(out, size, progress=progress)
         problems = manifest.verify_cohort(out, size)
     if problems:
