@@ -1,0 +1,60 @@
+import json
+
+import pandas as pd
+import pytest
+
+from lib import runs, summary
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    root = tmp_path / "results"
+    monkeypatch.setenv("MEDIMG_RESULTS_DIR", str(root))
+    monkeypatch.delenv(runs.RUN_ID_ENV, raising=False)
+    return root
+
+
+def _run(notebook, preset, status="completed", rows=None):
+    run = runs.Run(notebook, {"preset": preset, "seed": 0, "device": "cpu"}, run_id=f"{notebook}-{preset}-{status}-{len(rows or [])}")
+    if rows is not None:
+        run.save_json(summary.METRICS_FILE, rows)
+    if status == "completed":
+        run.finish()
+    elif status == "failed":
+        run.fail("boom")
+    return run
+
+
+def test_latest_completed_run_per_preset_and_explicit_run_ids(results):
+    first = _run("05_cxr_change", "demo", rows=[])
+    failed = _run("05_cxr_change", "demo", status="failed")
+    other = _run("05_cxr_change", "smoke", rows=[])
+    assert summary.latest_run("05_cxr_change", "demo", results_root=results) == first.dir
+    assert summary.latest_run("05_cxr_change", "prod", results_root=results) is None
+    assert summary.latest_run("05_cxr_change", "demo", run_id=other.run_id, results_root=results) == other.dir
+    with pytest.raises(ValueError, match="is failed, not completed"):
+        summary.latest_run("05_cxr_change", "demo", run_id=failed.run_id, results_root=results)
+    with pytest.raises(ValueError, match="no run 'nope'"):
+        summary.latest_run("05_cxr_change", "demo", run_id="nope", results_root=results)
+
+
+def test_missing_families_are_listed_and_losses_said_plainly(results):
+    row = {"task": "change map", "metric": "dice", "headline": True, "higher_is_better": True, "value": 0.31,
+           "baseline": "subtraction", "baseline_value": 0.42, "split": "test", "n": 16, "seeds": "0"}
+    run = _run("05_cxr_change", "demo", rows=[row])
+    rows = []
+    for family, (notebook, _) in summary.FAMILIES.items():
+        rows += summary.run_rows(family, summary.latest_run(notebook, "demo", results_root=results), "demo")
+    table = summary.write_summary(rows, results)
+    assert list(table.columns) == summary.ROW_KEYS
+    assert (table.set_index("family").loc["ssl_pretraining", "task"]) == "missing"
+    text = (results / "summary.md").read_text()
+    assert "**Missing**: no completed 03_pretrain run at preset demo." in text
+    assert "the model is WORSE than baseline" in text
+    assert pd.read_csv(results / "summary.csv").query("family == 'cxr_change'")["run_id"].item() == run.run_id
+
+
+def test_verdict_respects_direction():
+    assert summary.verdict({"value": 1.0, "baseline_value": 2.0, "higher_is_better": False}) == "better than baseline"
+    assert summary.verdict({"value": 1.0, "baseline_value": 2.0, "higher_is_better": True}) == "WORSE than baseline"
+    assert summary.verdict({"value": "", "baseline_value": 2.0, "higher_is_better": True}) == ""
