@@ -132,3 +132,118 @@ def slice_viewer(volume: np.ndarray, window: str = "auto", title: str = ""):
 
     out = widgets.interactive_output(draw, {"axis": axis_w, "index": slice_w, "window_name": window_w})
     return widgets.VBox([widgets.HBox([axis_w, slice_w, window_w]), out])
+
+
+# --------------------------------------------------------------------------- runs and comparisons
+
+def loss_curves(run_dirs: dict, ncols: int = 3, size: float = 3.2):
+    """Training (and validation) loss of several runs on one page: ``{label: run folder}``.
+
+    Every ``steps.csv`` under a run folder is one panel (a two-stage run such as 04_ct_diffusion has
+    one per stage); ``epochs.csv`` beside it adds the validation loss.
+    """
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from pathlib import Path
+
+    panels = []
+    for label, folder in run_dirs.items():
+        for steps in sorted(Path(folder).rglob("steps.csv")):
+            stage = steps.parent.relative_to(folder).as_posix()
+            panels.append((label if stage == "." else f"{label} / {stage}", steps))
+    if not panels:
+        raise ValueError("loss_curves: no steps.csv under the given run folders")
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 0.75 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, steps) in zip(axes.flat, panels):
+        s = pd.read_csv(steps)
+        ax.plot(s["step"], s["loss"], lw=1, label="train")
+        epochs = steps.with_name("epochs.csv")
+        if epochs.exists():
+            e = pd.read_csv(epochs)
+            if "val_loss" in e and e["val_loss"].notna().any() and "step" in e:
+                ax.plot(e["step"], e["val_loss"], "o-", ms=3, label="val")
+        ax.set_title(title, fontsize=8)
+        ax.set_yscale("log" if (s["loss"] > 0).all() else "linear")
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_gif(frames, path, fps: int = 4, vmin: float | None = None, vmax: float | None = None, titles=None) -> "Path":
+    """An animated GIF of 2D frames (e.g. the slices of a series), written atomically."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    from lib.runs import atomic_path
+
+    frames = [np.asarray(f, np.float32) for f in frames]
+    if not frames:
+        raise ValueError("save_gif: no frames")
+    lo = float(np.min(frames)) if vmin is None else vmin
+    hi = float(np.max(frames)) if vmax is None else vmax
+    fig, ax = plt.subplots(figsize=(3, 3))
+    ax.axis("off")
+    image = ax.imshow(frames[0], cmap="gray", vmin=lo, vmax=hi)
+
+    def update(i):
+        image.set_data(frames[i])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+        return (image,)
+
+    animation = FuncAnimation(fig, update, frames=len(frames), blit=False)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        gif = tmp.with_name(tmp.name + ".gif")  # Pillow picks the format from the suffix
+        try:
+            animation.save(str(gif), writer=PillowWriter(fps=fps))
+            gif.replace(tmp)
+        finally:
+            gif.unlink(missing_ok=True)
+    plt.close(fig)
+    return path
+
+
+def compare_viewer(volumes: dict, window: str = "auto", title: str = ""):
+    """Side-by-side viewer of same-shaped RAS volumes (e.g. input / target / prediction / error) with one
+    shared axis, slice and window control. Returns the ipywidgets box; a batch run shows its first image."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    arrays = {k: np.asarray(v, np.float32) for k, v in volumes.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"compare_viewer needs 3D volumes of one shape, got {[a.shape for a in arrays.values()]}")
+    shape = next(iter(shapes))
+    axis_w = widgets.Dropdown(options=[("axial", 2), ("coronal", 1), ("sagittal", 0)], value=2, description="axis")
+    slice_w = widgets.IntSlider(value=shape[2] // 2, min=0, max=shape[2] - 1, description="slice")
+    window_w = widgets.Dropdown(options=list(VIEW_WINDOWS), value=window, description="window")
+
+    def on_axis(change):
+        slice_w.max = shape[change["new"]] - 1
+        slice_w.value = shape[change["new"]] // 2
+
+    axis_w.observe(on_axis, names="value")
+    reference = next(iter(arrays.values()))
+
+    def draw(axis, index, window_name):
+        lo, hi = _window_limits(reference, window_name)
+        fig, axes = plt.subplots(1, len(arrays), figsize=(3 * len(arrays), 3), squeeze=False)
+        for ax, (name, volume) in zip(axes[0], arrays.items()):
+            is_error = "error" in name.lower() or "diff" in name.lower()
+            img = oriented_slice(volume, axis, min(index, shape[axis] - 1))
+            ax.imshow(img, cmap="magma" if is_error else "gray", vmin=None if is_error else lo, vmax=None if is_error else hi)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+        fig.suptitle(f"{title} {['sagittal', 'coronal', 'axial'][axis]} {index}", fontsize=9)
+        plt.show()
+
+    out = widgets.interactive_output(draw, {"axis": axis_w, "index": slice_w, "window_name": window_w})
+    return widgets.VBox([widgets.HBox([axis_w, slice_w, window_w]), out])

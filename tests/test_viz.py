@@ -1,0 +1,57 @@
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import viz
+
+
+def test_oriented_slices_put_patient_right_on_the_left_and_superior_up():
+    v = np.zeros((4, 5, 6))
+    v[3, 4, 5] = 1  # right, anterior, superior corner
+    assert viz.oriented_slice(v, 2, 5)[0, 0] == 1       # axial: anterior up, right on the left
+    assert viz.oriented_slice(v, 1, 4)[0, 0] == 1       # coronal: superior up, right on the left
+    assert viz.oriented_slice(v, 0, 3)[0, 0] == 1       # sagittal: superior up, anterior on the left
+    assert viz.oriented_slice(v, 2, 5).shape == (5, 4)
+
+
+def test_loss_curves_one_panel_per_stage(tmp_path):
+    for stage in ("vae", "denoiser"):
+        (tmp_path / "a" / stage).mkdir(parents=True)
+        pd.DataFrame({"step": [1, 2, 3], "loss": [3.0, 2.0, 1.0]}).to_csv(tmp_path / "a" / stage / "steps.csv", index=False)
+    (tmp_path / "b").mkdir()
+    pd.DataFrame({"step": [1, 2], "loss": [1.0, -0.5]}).to_csv(tmp_path / "b" / "steps.csv", index=False)
+    pd.DataFrame({"epoch": [1], "step": [2], "val_loss": [0.7]}).to_csv(tmp_path / "b" / "epochs.csv", index=False)
+    fig = viz.loss_curves({"04": tmp_path / "a", "05": tmp_path / "b"})
+    titles = sorted(ax.get_title() for ax in fig.axes if ax.get_title())
+    assert titles == ["04 / denoiser", "04 / vae", "05"]
+    with pytest.raises(ValueError, match="no steps.csv"):
+        viz.loss_curves({"x": tmp_path / "nothing"})
+
+
+def test_gif_has_every_frame(tmp_path):
+    from PIL import Image
+
+    frames = [np.full((8, 8), i, np.float32) for i in range(5)]
+    path = viz.save_gif(frames, tmp_path / "s.gif")
+    with Image.open(path) as im:
+        assert im.n_frames == 5
+
+
+def test_viewers_render_and_validate():
+    import ipywidgets
+
+    v = np.random.default_rng(0).normal(size=(6, 7, 8))
+    box = viz.compare_viewer({"input": v, "target": v, "error": np.abs(v)})
+    assert isinstance(box, ipywidgets.VBox)
+    slider = box.children[0].children[1]
+    assert slider.max == 7
+    box.children[0].children[0].value = 0          # switch to sagittal: the slider follows the axis
+    assert slider.max == 5 and slider.value == 3
+    with pytest.raises(ValueError, match="one shape"):
+        viz.compare_viewer({"a": v, "b": v[:3]})
+    with pytest.raises(ValueError, match="valid windows"):
+        viz.slice_viewer(v, window="CT liver")
