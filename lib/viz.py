@@ -247,3 +247,27 @@ def compare_viewer(volumes: dict, window: str = "auto", title: str = ""):
 
     out = widgets.interactive_output(draw, {"axis": axis_w, "index": slice_w, "window_name": window_w})
     return widgets.VBox([widgets.HBox([axis_w, slice_w, window_w]), out])
+
+
+def run_browser(run_dirs: dict):
+    """Pick a run (``{label: folder}``) and see its figures: loss curves, samples, everything PNG.
+
+    Returns the ipywidgets box; a batch run shows the first run's figures."""
+    import ipywidgets as widgets
+    from pathlib import Path
+
+    if not run_dirs:
+        raise ValueError("run_browser: no runs given")
+    pick = widgets.Dropdown(options=list(run_dirs), description="run")
+
+    def show(label):
+        from IPython.display import Image, Markdown, display
+
+        folder = Path(run_dirs[label])
+        pngs = sorted(folder.rglob("*.png"))
+        display(Markdown(f"**{label}**: `{folder}` ({len(pngs)} figure(s))"))
+        for png in pngs:
+            display(Markdown(f"`{png.relative_to(folder)}`"), Image(filename=str(png), width=520))
+
+    out = widgets.interactive_output(show, {"label": pick})
+    return widgets.VBox([pick, out])

@@ -1,0 +1,159 @@
+"""Does pre-training help? The SSL family's downstream comparison, run by 07_evaluate.
+
+Task (on the built-in cohort): is there an aneurysm-like blob in this patch? Patches of ``size``³
+voxels are cut from the CTA head CT (3 windows) and MRA (1 channel) volumes at their native grid:
+positives around each blob centre (jittered), negatives on contrast-filled vessels away from any blob,
+the same number from every subject, seeded, so the task is about the blob and not about finding
+vessels. Subjects keep their train / val / test split.
+
+Arms, with the same architecture (encoder -> mean over tokens -> linear logit), data, epochs and
+seeds: ``scratch`` (the encoder freshly initialised), ``finetune`` (initialised from the 03_pretrain
+encoder, all weights trained) and ``probe`` (pre-trained encoder frozen, only the head trained). Test
+ROC AUC over all test patches, per seed; the summary reports mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lib.data.datasets import normalise_mri, subjects
+from lib.data.io import load_volume
+from lib.data.transforms import ct_windows
+
+ARMS = ("scratch", "finetune", "probe")
+
+
+def _centres(rng: np.random.Generator, vessels: np.ndarray, blob: np.ndarray | None, n: int, half: int,
+             keep_away: float) -> tuple[list, list]:
+    shape = np.array(vessels.shape)
+    inside = lambda c: np.clip(c, half, shape - half)  # noqa: E731
+    pos = []
+    if blob is not None:
+        pos = [inside(blob + rng.integers(-2, 3, 3)) for _ in range(n)]
+    candidates = np.argwhere(vessels)
+    if blob is not None:
+        candidates = candidates[np.linalg.norm(candidates - blob, axis=1) > keep_away]
+    neg = [inside(candidates[i]) for i in rng.choice(len(candidates), size=n, replace=len(candidates) < n)]
+    return pos, neg
+
+
+def _patch(volume: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
+    lo = np.asarray(centre) - size // 2
+    return volume[:, lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size]
+
+
+def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, seed: int = 0) -> dict:
+    """``{"CT": (x [N,3,s,s,s], y [N]), "MRI": (x [N,1,s,s,s], y [N])}`` for one split."""
+    root = Path(root)
+    out = {}
+    for modality, dataset, name in (("CT", "head_ct", "ct.nii.gz"), ("MRI", "brain_mri", "mra.nii.gz")):
+        xs, ys = [], []
+        for _, s in subjects(root, dataset, split).iterrows():
+            rng = np.random.default_rng([seed, 1 if dataset == "head_ct" else 2, int(s["subject"].split("-")[1])])
+            v = load_volume(root / dataset / s["subject"] / name)
+            if modality == "CT":
+                array, vessels = ct_windows(v.array), v.array[0] > 150
+            else:
+                array = normalise_mri(v.array)
+                vessels = array[0] > 0.6
+            blob = np.array([int(t) for t in str(s["aneurysm_voxel"]).split()]) if int(s["aneurysm"]) else None
+            pos, neg = _centres(rng, vessels, blob, per_subject, size // 2, keep_away=size / 2 + 4)
+            xs += [_patch(array, c, size) for c in pos + neg]
+            ys += [1.0] * len(pos) + [0.0] * len(neg)
+        out[modality] = (torch.from_numpy(np.stack(xs)).float(), torch.tensor(ys))
+    return out
+
+
+class BlobClassifier(nn.Module):
+    """Encoder (a WaveFormer3D returning its final map) -> mean over tokens -> one logit."""
+
+    def __init__(self, encoder: nn.Module, embed_dim: int):
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(embed_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x, return_intermediate=False)
+        return self.head(features.flatten(2).mean(-1)).squeeze(-1)
+
+
+def make_model(arm: str, pretrained: nn.Module, seed: int) -> BlobClassifier:
+    from lib.models.waveformer import WaveFormer3D
+
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+    torch.manual_seed(seed)
+    if arm == "scratch":
+        encoder = WaveFormer3D(**{**pretrained.config, "return_intermediate": False})
+    else:
+        encoder = copy.deepcopy(pretrained)
+        encoder.return_intermediate = False
+    encoder.requires_grad_(arm != "probe")
+    encoder.train(arm != "probe")
+    return BlobClassifier(encoder, pretrained.embed_dim)
+
+
+def _step(model, batch):
+    _, (x, y) = batch
+    logits = model(x)
+    return F.binary_cross_entropy_with_logits(logits.float(), y.float())
+
+
+@torch.no_grad()
+def scores(model: BlobClassifier, data: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    s, y = [], []
+    for x, labels in data.values():
+        for i in range(0, len(x), 16):
+            s.append(model(x[i:i + 16].to(device)).float().cpu())
+        y.append(labels)
+    return torch.cat(s), torch.cat(y)
+
+
+def compare(pretrained: nn.Module, root: str | Path, out_dir: str | Path, config: dict, seeds: int, epochs: int,
+            size: int, device: torch.device, batch_size: int = 8) -> pd.DataFrame:
+    """Train every arm for every seed; one row per (arm, seed) with the test AUC."""
+    from lib import metrics, runs
+    from lib.data.datasets import AlternatingLoader
+    from lib.train import fit
+
+    data = {split: blob_patches(root, split, size) for split in ("train", "val", "test")}
+    rows = []
+    for seed in range(seeds):
+        for arm in ARMS:
+            runs.seed_everything(seed)
+            model = make_model(arm, pretrained, seed)
+            loaders = {m: DataLoader(TensorDataset(*xy), batch_size=batch_size, shuffle=True, **runs.loader_seeding(seed))
+                       for m, xy in data["train"].items()}
+            val = {m: DataLoader(TensorDataset(*xy), batch_size=batch_size) for m, xy in data["val"].items()}
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
+            cfg = {**config, "epochs": epochs, "ema_decay": None, "best_metric": "val_loss", "arm": arm, "seed": seed}
+            fit(model, _step, AlternatingLoader(loaders), optimizer, out_dir=Path(out_dir) / f"{arm}-seed{seed}",
+                config=cfg, val_loader=AlternatingLoader(val), device=device, settings=None)
+            s, y = scores(model.to(device), data["test"], device)
+            rows.append({"arm": arm, "seed": seed, "test_auc": metrics.auc(s, y),
+                         "test_accuracy": float(((s > 0).float() == y).float().mean()), "n_test": len(y),
+                         "n_train": sum(len(xy[1]) for xy in data["train"].values())})
+    return pd.DataFrame(rows)
+
+
+def summary_rows(results: pd.DataFrame) -> list[dict]:
+    """Rows for results/summary.csv: fine-tuned (headline) and probed against scratch, mean ± std."""
+    stats = results.groupby("arm")["test_auc"].agg(["mean", "std"])
+    n, seeds = int(results["n_test"].iloc[0]), ",".join(map(str, sorted(results["seed"].unique())))
+    rows = []
+    for arm, headline in (("finetune", True), ("probe", False)):
+        std, base_std = stats.loc[arm, "std"], stats.loc["scratch", "std"]
+        rows.append({"task": "aneurysm-like blob presence (patch classification)",
+                     "metric": f"test AUC, {arm}: mean over seeds (std {std:.3f}; scratch std {base_std:.3f})",
+                     "headline": headline, "higher_is_better": True, "value": round(stats.loc[arm, "mean"], 4),
+                     "baseline": "same encoder from scratch", "baseline_value": round(stats.loc["scratch", "mean"], 4),
+                     "split": "test", "n": n, "seeds": seeds})
+    return rows
