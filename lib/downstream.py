@@ -50,12 +50,14 @@ def _patch(volume: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
     return volume[:, lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size]
 
 
-def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, seed: int = 0) -> dict:
-    """``{"CT": (x [N,3,s,s,s], y [N]), "MRI": (x [N,1,s,s,s], y [N])}`` for one split."""
+def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, seed: int = 0,
+                 with_centres: bool = False) -> dict:
+    """``{"CT": (x [N,3,s,s,s], y [N]), "MRI": (x [N,1,s,s,s], y [N])}`` for one split
+    (``with_centres``: a third element, the list of (subject, centre voxel))."""
     root = Path(root)
     out = {}
     for modality, dataset, name in (("CT", "head_ct", "ct.nii.gz"), ("MRI", "brain_mri", "mra.nii.gz")):
-        xs, ys = [], []
+        xs, ys, where = [], [], []
         for _, s in subjects(root, dataset, split).iterrows():
             rng = np.random.default_rng([seed, 1 if dataset == "head_ct" else 2, int(s["subject"].split("-")[1])])
             v = load_volume(root / dataset / s["subject"] / name)
@@ -68,7 +70,8 @@ def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, 
             pos, neg = _centres(rng, vessels, blob, per_subject, size // 2, keep_away=size / 2 + 4)
             xs += [_patch(array, c, size) for c in pos + neg]
             ys += [1.0] * len(pos) + [0.0] * len(neg)
-        out[modality] = (torch.from_numpy(np.stack(xs)).float(), torch.tensor(ys))
+            where += [(s["subject"], tuple(int(v) for v in c)) for c in pos + neg]
+        out[modality] = (torch.from_numpy(np.stack(xs)).float(), torch.tensor(ys)) + ((where,) if with_centres else ())
     return out
 
 
