@@ -76,7 +76,7 @@ def histograms(samples: dict, bins: int = 80, ncols: int = 4, size: float = 3.0)
 
 # Display windows (centre, width): CT in HU; "auto" stretches the 1st–99th percentiles (MRI).
 VIEW_WINDOWS = {"auto": None, "CT brain": (40, 80), "CT blood": (80, 200), "CT bone": (600, 2800),
-                "CT lung": (-600, 1500)}
+                "CT lung": (-600, 1500), "CT mediastinum": (50, 350)}
 
 
 def _window_limits(volume: np.ndarray, name: str) -> tuple[float, float]:

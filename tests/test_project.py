@@ -48,7 +48,9 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_same():
     assert readme.index("```") < readme.index("\n## "), "the two commands come before the first section"
     ci = (ROOT / ".ci" / "run").read_text()
     ci_commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.strip().startswith(("#", "set ", "cd "))]
-    assert ci_commands == ["make test"]
+    assert ci_commands[-1] == "make test"
+    readme_lines = {line.strip() for line in readme.splitlines()}
+    assert all(c in readme_lines for c in ci_commands), "CI runs something the README does not give"
     for name in sorted(p.stem for p in paths.NOTEBOOKS_DIR.glob("*.ipynb")):
         assert name in readme, f"README does not describe {name}"
 
