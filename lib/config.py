@@ -144,8 +144,9 @@ NOTEBOOKS: dict[str, NotebookSpec] = {
     ),
     "08_visualize": _spec(
         "figures of every family and interactive viewers -> results/figures/",
-        {"gif_frames": Param(16, int, "frames of the animated CT series GIF")},
-        smoke={"gif_frames": 4}, demo={}, subset={}, prod={},
+        {"gif_frames": Param(16, int, "frames of the animated CT series GIF"),
+         "cohort": Param("demo", str, "built-in cohort whose images the viewers show", ("smoke", "demo"))},
+        smoke={"gif_frames": 4, "cohort": "smoke"}, demo={}, subset={}, prod={},
     ),
 }
 
