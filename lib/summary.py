@@ -1,10 +1,12 @@
 """The project's results table: one row per (family, task, metric), each beside its baseline.
 
-Every training notebook writes ``heldout_metrics.json`` into its run folder: a list of rows with the
-keys of :data:`ROW_KEYS` (``family`` and ``run_id``/``preset`` are filled in here). 07_evaluate
-collects the latest completed run of each family for a preset (or the run ids it is given), adds what
-it evaluates itself (the SSL downstream comparison), and writes ``results/summary.csv`` and
-``results/summary.md``. A family without a usable run gets a row saying ``missing``, never silence.
+Every training notebook scores its model on the test split and saves the scores in its run folder
+(03: ``heldout_reconstruction.csv``, 04: ``scores_per_series.csv``, 05: ``test_scores.csv``,
+06: ``summary.json``); :data:`READERS` turn those files into rows with the keys of :data:`ROW_KEYS`
+(a run may also write the rows directly as ``heldout_metrics.json``). 07_evaluate collects the latest
+completed run of each family for a preset (or the run ids it is given), adds what it evaluates itself
+(the SSL downstream comparison), and writes ``results/summary.csv`` and ``results/summary.md``. A
+family without a usable run gets a row saying ``missing``, never silence.
 """
 
 from __future__ import annotations
@@ -48,18 +50,79 @@ def latest_run(notebook: str, preset: str, run_id: str | None = None,
     return root / done[-1]["path"] if done else None
 
 
+def _row(task, metric, value, baseline, baseline_value, higher_is_better, n, headline=False, split="test"):
+    return {"task": task, "metric": metric, "headline": headline, "higher_is_better": higher_is_better,
+            "value": round(float(value), 4), "baseline": baseline,
+            "baseline_value": "" if baseline_value == "" else round(float(baseline_value), 4),
+            "split": split, "n": "" if n == "" else int(n), "seeds": ""}
+
+
+def _ssl_rows(run_dir: Path) -> list[dict]:
+    t = pd.read_csv(run_dir / "heldout_reconstruction.csv")
+    return [_row("masked-patch reconstruction", f"per-patch-normalised MSE on masked patches, {r['modality']}",
+                 r["pretrained"], "predicting the mean patch", r["mean patch"], False, n="")
+            for _, r in t.iterrows()]
+
+
+def _diffusion_rows(run_dir: Path) -> list[dict]:
+    t = pd.read_csv(run_dir / "scores_per_series.csv")
+    by = {name: g for name, g in t.groupby("comparison")}
+    model, identity, ceiling = by["translation"], by["identity"], by["vae_ceiling"]
+
+    def pooled(g):
+        return float((g["mae_changed_hu"] * g["changed_voxels"]).sum() / g["changed_voxels"].sum())
+
+    n = len(model)
+    task = "non-contrast -> contrast chest CT series"
+    return [_row(task, "MAE (HU) over voxels the contrast changes by > 100 HU", pooled(model),
+                 "identity (input copied)", pooled(identity), False, n, headline=True),
+            _row(task, "PSNR (dB), diffusion window [-1, 1], data range 2", model["psnr_db"].mean(),
+                 "identity (input copied)", identity["psnr_db"].mean(), True, n),
+            _row(task, "SSIM (2D per frame, averaged)", model["ssim"].mean(), "identity (input copied)",
+                 identity["ssim"].mean(), True, n),
+            _row(task, "PSNR (dB) of the VAE round trip (ceiling)", ceiling["psnr_db"].mean(), "translation",
+                 model["psnr_db"].mean(), True, n)]
+
+
+def _cxr_rows(run_dir: Path) -> list[dict]:
+    t = pd.read_csv(run_dir / "test_scores.csv").set_index("method")
+    task, m, b = "signed change map of a radiograph pair", t.loc["model"], t.loc["subtraction"]
+    base = "naive subtraction (threshold chosen on val)"
+    return [_row(task, "Dice on changed pixels", m["dice"], base, b["dice"], True, "", headline=True),
+            _row(task, "pixel AUC of |change|", m["pixel_auc"], base, b["pixel_auc"], True, ""),
+            _row(task, "false-positive area on nuisance-only pairs (fraction of pixels)", m["fp_area"], base,
+                 b["fp_area"], False, "")]
+
+
+def _xray_rows(run_dir: Path) -> list[dict]:
+    data = json.loads((run_dir / "summary.json").read_text())
+    return data["rows"] if isinstance(data, dict) and "rows" in data else data
+
+
+READERS = {"ssl_pretraining": ("heldout_reconstruction.csv", _ssl_rows),
+           "ct_diffusion": ("scores_per_series.csv", _diffusion_rows),
+           "cxr_change": ("test_scores.csv", _cxr_rows),
+           "xray_to_ct": ("summary.json", _xray_rows)}
+
+
 def run_rows(family: str, run_dir: Path | None, preset: str) -> list[dict[str, Any]]:
     """The held-out rows a family's run recorded, or one ``missing`` row saying why there are none."""
     notebook, _ = FAMILIES[family]
-    reason = None
+    reason, rows = None, []
     if run_dir is None:
         reason = f"no completed {notebook} run at preset {preset}"
-    elif not (run_dir / METRICS_FILE).is_file():
-        reason = f"run {run_dir.name} wrote no {METRICS_FILE}"
+    elif (run_dir / METRICS_FILE).is_file():
+        rows = json.loads((run_dir / METRICS_FILE).read_text())
+    elif (run_dir / READERS[family][0]).is_file():
+        try:
+            rows = READERS[family][1](run_dir)
+        except (KeyError, ValueError) as e:
+            reason = f"run {run_dir.name}: {READERS[family][0]} unreadable ({type(e).__name__}: {e})"
+    else:
+        reason = f"run {run_dir.name} wrote neither {METRICS_FILE} nor {READERS[family][0]}"
     if reason:
         return [{**dict.fromkeys(ROW_KEYS, ""), "family": family, "task": "missing", "metric": reason,
                  "headline": False, "preset": preset}]
-    rows = json.loads((run_dir / METRICS_FILE).read_text())
     return [{**dict.fromkeys(ROW_KEYS, ""), **r, "family": family, "preset": preset, "run_id": run_dir.name}
             for r in rows]
 

@@ -58,3 +58,25 @@ def test_verdict_respects_direction():
     assert summary.verdict({"value": 1.0, "baseline_value": 2.0, "higher_is_better": False}) == "better than baseline"
     assert summary.verdict({"value": 1.0, "baseline_value": 2.0, "higher_is_better": True}) == "WORSE than baseline"
     assert summary.verdict({"value": "", "baseline_value": 2.0, "higher_is_better": True}) == ""
+
+
+def test_family_readers_turn_saved_scores_into_rows_beside_baselines(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    pd.DataFrame([{"comparison": c, "subject": f"s{i}", "psnr_db": p, "ssim": 0.5, "mae_changed_hu": m, "changed_voxels": n}
+                  for c, p, m in (("translation", 20.0, 50.0), ("identity", 18.0, 250.0), ("vae_ceiling", 30.0, 20.0))
+                  for i, n in ((0, 100), (1, 300))]).to_csv(d / "scores_per_series.csv", index=False)
+    rows = summary.run_rows("ct_diffusion", d, "demo")
+    head = [r for r in rows if r["headline"]]
+    assert len(head) == 1 and head[0]["value"] == 50.0 and head[0]["baseline_value"] == 250.0
+    assert summary.verdict(head[0]) == "better than baseline" and head[0]["n"] == 2
+    pd.DataFrame([{"method": "model", "dice": 0.5, "pixel_auc": 0.9, "fp_area": 0.01},
+                  {"method": "subtraction", "dice": 0.3, "pixel_auc": 0.8, "fp_area": 0.05}]).to_csv(d / "test_scores.csv", index=False)
+    rows = summary.run_rows("cxr_change", d, "demo")
+    assert [r["metric"] for r in rows if r["headline"]] == ["Dice on changed pixels"]
+    assert all(summary.verdict(r) == "better than baseline" for r in rows)
+    pd.DataFrame([{"modality": "MRI", "pretrained": 0.4, "mean patch": 1.0}]).to_csv(d / "heldout_reconstruction.csv", index=False)
+    (row,) = summary.run_rows("ssl_pretraining", d, "demo")
+    assert row["value"] == 0.4 and row["higher_is_better"] is False
+    (missing,) = summary.run_rows("xray_to_ct", d, "demo")
+    assert missing["task"] == "missing" and "summary.json" in missing["metric"]
