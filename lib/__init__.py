@@ -4,7 +4,12 @@ Ground floor: :mod:`lib.paths`, :mod:`lib.config`, :mod:`lib.device` and :mod:`l
 Importing ``lib`` itself is cheap: nothing heavy (torch, MONAI) is imported here.
 """
 
+import os as _os
 from importlib import metadata as _metadata
+
+# OpenMP threads that spin while waiting steal the CPU from each other on a shared or small machine
+# (a demo step ran 5x slower with two busy cores); must be set before torch loads its OpenMP runtime.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     __version__ = _metadata.version("medimg-lib")

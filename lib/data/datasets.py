@@ -65,6 +65,45 @@ def volume_files(root: str | os.PathLike, modality: str, split: str | None = Non
     raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
 
 
+PREPARED_REAL = Path("processed") / "pretrain"  # real data in the cohort layout, under the data root
+
+
+def require_real_data(names: Sequence[str], data_root: str | os.PathLike | None = None) -> Path:
+    """The cohort folder to train on when real datasets of ``data_manifest.csv`` are asked for.
+
+    Raises ``FileNotFoundError`` before anything else happens, naming every dataset that is not under the
+    data root, where it is expected and how to get it (``python -m lib.data.manifest fetch NAME`` and the
+    manifest's own instructions); then, if the data are there, requires their prepared form: the cohort
+    layout of :mod:`lib.data.demo` (``subjects.csv``, ``brain_mri/``, ``head_ct/``) under
+    ``<data root>/processed/pretrain``. Unknown names raise ``ValueError`` listing the known ones.
+    """
+    from lib import paths
+    from lib.data import manifest
+
+    root = Path(data_root or paths.data_dir())
+    names = [n.strip() for n in names if n.strip()]
+    listed = manifest.load_manifest()
+    table = manifest.summarize(listed, root).set_index("dataset")
+    unknown = [n for n in names if n not in table.index]
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {', '.join(unknown)}; datasets of data_manifest.csv: {', '.join(table.index)}")
+    rows = listed.drop_duplicates("dataset").set_index("dataset")
+    missing = [n for n in names if int(table.loc[n, "present_files"]) == 0]
+    if missing:
+        lines = [f"- {n}: nothing under {root / rows.loc[n, 'path']} ({rows.loc[n, 'source']}). Get it with: "
+                 f"python -m lib.data.manifest fetch {n}   ({rows.loc[n, 'fetch']}; licence: {rows.loc[n, 'licence']})"
+                 for n in missing]
+        raise FileNotFoundError(f"real data missing on this machine ({len(missing)} of {len(names)} dataset(s)):\n"
+                                + "\n".join(lines) + "\nThen check it with: python -m lib.data.manifest verify; "
+                                "or run a preset that uses the built-in cohort (smoke, demo, subset).")
+    prepared = root / PREPARED_REAL
+    if not (prepared / "subjects.csv").is_file():
+        raise FileNotFoundError(f"{', '.join(names)} are present, but their prepared cohort is not: expected "
+                                f"{prepared}/subjects.csv with brain_mri/<subject>/{{t1,t2,mra}}.nii.gz and "
+                                f"head_ct/<subject>/ct.nii.gz (the layout of lib.data.demo)")
+    return prepared
+
+
 # --------------------------------------------------------------------------- volume preprocessing
 
 def normalise_mri(array: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
@@ -179,10 +218,11 @@ class SeriesPairs(Dataset):
     """Paired chest CT series as frame stacks: ``{"baseline", "target"}`` each ``[1, T, H, W]`` in [-1, 1].
 
     Frames are axial slices under the diffusion window (centre 200, width 1800 HU). Training draws a
-    random run of ``frames`` consecutive slices; evaluation takes the central run.
+    random run of ``frames`` consecutive slices; evaluation takes the central run. ``frames=None``: the
+    whole series.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, frames: int, size: int, *, random_start: bool = False,
+    def __init__(self, root: str | os.PathLike, split: str, frames: int | None, size: int, *, random_start: bool = False,
                  cache: ArrayCache | None = None, source: str = "noncontrast", target: str = "contrast"):
         self.root, self.frames, self.size, self.random_start, self.cache = Path(root), frames, size, random_start, cache
         self.subjects = list(subjects(root, "chest_ct", split)["subject"])
@@ -207,12 +247,28 @@ class SeriesPairs(Dataset):
     def __getitem__(self, i: int) -> dict:
         subject = self.subjects[i]
         a, b = (self._stack(subject, n) for n in self.names)
-        if self.frames > a.shape[0]:
-            raise ValueError(f"{subject}: {self.frames} frames asked, the series has {a.shape[0]}")
-        start = int(torch.randint(0, a.shape[0] - self.frames + 1, ())) if self.random_start else (a.shape[0] - self.frames) // 2
-        sl = slice(start, start + self.frames)
+        frames = a.shape[0] if self.frames is None else self.frames
+        if frames > a.shape[0]:
+            raise ValueError(f"{subject}: {frames} frames asked, the series has {a.shape[0]}")
+        start = int(torch.randint(0, a.shape[0] - frames + 1, ())) if self.random_start else (a.shape[0] - frames) // 2
+        sl = slice(start, start + frames)
         return {"baseline": torch.from_numpy(np.array(a[sl]))[None], "target": torch.from_numpy(np.array(b[sl]))[None],
                 "subject": subject, "start": start}
+
+    def series_affine(self, subject: str, start: int = 0) -> np.ndarray:
+        """Voxel -> RAS mm affine of a frame stack ``[T, H, W]`` of ``subject`` whose first frame is ``start``
+        (as ``__getitem__`` returns it; index order frame, row, column), for NIfTI export with
+        :func:`lib.data.io.save_volume`. Inverts :func:`axial_frames` and the in-plane resize (pixel
+        centres, ``align_corners=False``)."""
+        v = load_volume(self.root / "chest_ct" / subject / f"{self.names[0]}.nii.gz", channels=(1,))
+        nx, ny, nz = v.spatial_shape
+        sx, sy = nx / self.size, ny / self.size
+        # frame f, row r, column c <- source voxel (nx-1-c', ny-1-r', nz-1-start-f), c' = (c + 0.5) sx - 0.5
+        m = np.array([[0.0, 0.0, -sx, nx - 0.5 - 0.5 * sx],
+                      [0.0, -sy, 0.0, ny - 0.5 - 0.5 * sy],
+                      [-1.0, 0.0, 0.0, nz - 1.0 - start],
+                      [0.0, 0.0, 0.0, 1.0]])
+        return v.affine @ m
 
 
 class CXRPairs(Dataset):
@@ -290,6 +346,35 @@ class DRRVolumes(Dataset):
         params = {"ct": "hu01", "hu_range": list(self.hu_range), "size": self.volume_size}
         ct = compute() if self.cache is None else self.cache.get(path, params, compute)
         return {"views": views, "ct": torch.from_numpy(np.array(ct, np.float32)), "subject": subject}
+
+    def volume_affine(self, subject: str) -> np.ndarray:
+        """Voxel -> RAS mm affine of the ``volume_size``^3 ``ct`` of ``subject``: the CT's field of view,
+        resampled as ``resize`` does it (voxel centres, ``align_corners=False``), for NIfTI export."""
+        v = load_volume(self.ct_path(subject), channels=(1,))
+        scale = np.asarray(v.spatial_shape, np.float64) / self.volume_size
+        m = np.eye(4)
+        m[:3, :3] = np.diag(scale)
+        m[:3, 3] = scale / 2 - 0.5
+        return v.affine @ m
+
+    def volume_extent(self) -> tuple[float, float, float]:
+        """Half-extent of the CT along R, A, S in units of a radiograph's half-width.
+
+        With normalised coordinates (voxel and pixel centres, ``align_corners=False``), a voxel at
+        ``(x, y, z)`` appears in the view at angle ``a`` at column ``-(e_R x cos a + e_A y sin a)`` and row
+        ``-e_S z``. Follows :func:`lib.data.drr.radiograph`: square field of the larger of the R and S
+        extents, the shorter padded with air, resampled corner-aligned to the stored image size.
+        """
+        subject = self.subjects[0]
+        v = load_volume(self.ct_path(subject), channels=(1,))
+        (nx, ny, nz), (sx, sy, sz) = v.spatial_shape, v.spacing
+        size = np.load(self.root / "drr" / subject / "frontal.npy", mmap_mode="r").shape[0]
+        h_mm, w_mm = nz * sz, nx * sx
+        fov = max(h_mm, w_mm)
+        rows = nz + 2 * int(round((fov - h_mm) / sz / 2))
+        cols = nx + 2 * int(round((fov - w_mm) / sx / 2))
+        e_r = nx * (size - 1) / (size * (cols - 1))
+        return (float(e_r), float(e_r * ny * sy / (nx * sx)), float(nz * (size - 1) / (size * (rows - 1))))
 
 
 # --------------------------------------------------------------------------- preparation and throughput

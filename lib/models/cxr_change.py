@@ -1,0 +1,617 @@
+"""Longitudinal chest X-ray change detection (design note C, notebook 05_cxr_change).
+
+Given a baseline and a follow-up frontal radiograph of one patient, predict a pixel-wise map of what
+changed. The models follow the research note (Longitudinal_MIM); every size is a constructor argument
+whose default is the note's constant, and the notebook's presets scale them down.
+
+Output: a signed change map. The public code this comes from ends in a sigmoid, which cannot say that
+a finding resolved; here the change models end in ``tanh`` and return one channel ``y`` in [-1, 1]
+with the sign convention of the demo cohort's change maps (:mod:`lib.data.demo`)::
+
+    change = DRR(follow-up) - DRR(baseline)      y > 0: attenuation increased   ("appeared")
+                                                 y < 0: attenuation decreased   ("resolved")
+
+So a nodule, consolidation, effusion or a larger heart that appears is positive, and the same finding
+resolving is negative; a pneumothorax (air replacing lung) that appears is negative. ``|y|`` is the
+change score: ranked over pixels it gives the pixel AUC, thresholded it gives the changed-pixel mask,
+and the sign of ``y`` on that mask says which way the change went. The training target is the sign of
+the cleaned change map, ``t = sign(change)`` in {-1, 0, +1} (:func:`change_target`), learnt with
+:func:`change_loss`: a two-channel soft Dice (``relu(y)`` against appeared, ``relu(-y)`` against
+resolved) plus the mean squared error of ``y`` against ``t``.
+
+Architecture of :class:`LongitudinalMIMModelBig` (defaults: the note's 512² input)::
+
+    baseline, follow-up [B, 1, 512, 512]
+      └─ BottleneckEncoder, one set of weights for both images
+           ChannelExpansionStem   1 -> 64                       @512   (skip 0)
+           EfficientNetMiniEncoder: MBConv levels 48, 80, 224, 640 @256, 128, 64, 32 (skips 1-3)
+           BottleneckBlock: TransformerBranch (ViT-Base: 16x16 = 256 patches of 768) beside a conv
+                            branch (640 -> 704 -> 640), merged by a 1x1 conv       -> [B, 640, 32, 32]
+      └─ DifferenceFusion of the two feature maps: 1x1 per-channel (grouped) + 3x3 + 7x7 depthwise
+         separable paths, summed                                                  -> [B, 640, 32, 32]
+      └─ U-Net decoder 32 -> 64 -> 128 -> 256 -> 512 (640 -> 320 -> 160 -> 80 -> 40), each level
+         concatenating both images' encoder features of that level (Siamese "conc" skips)
+      └─ 1x1 conv -> tanh                                                        -> [B, 1, 512, 512]
+
+Also here: :class:`LongitudinalMIMModel` (the same encoder and fusion, a decoder without skips),
+:class:`MaskedReconstructionModel` (masked image modelling that pre-trains the shared encoder, SimMIM
+style), :class:`ClassificationModel` (14 labels), :class:`Discriminator` (PatchGAN, MONAI), encoder
+freezing, the change loss, training augmentations for pairs, the naive subtraction baseline and the
+change-map evaluation (Dice on changed pixels, pixel AUC, false-positive area on nuisance-only pairs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The note's constants (Longitudinal_MIM's constants.py).
+IMG_SIZE = 512
+FEATURE_SIZE = 32
+FEATURE_CHANNELS = 640
+HIDDEN_CHANNELS = 768
+INTER_CHANNELS = 704
+PATCHES_NUM = 256
+GROUP_NORM_GROUPS = 32
+INIT_STD = 0.02
+LABELS_NUM = 14
+
+# Encoder widths per level (stem at full resolution, then /2, /4, /8, /16), EfficientNet-B7's stage
+# widths that the note's block selection visits; 8 MBConv blocks in all, like the note's 8 selected blocks.
+ENCODER_CHANNELS = (64, 48, 80, 224, FEATURE_CHANNELS)
+ENCODER_BLOCKS = (1, 1, 2, 4)
+DECODER_CHANNELS = (320, 160, 80, 40)
+TRANSFORMER_LAYERS, TRANSFORMER_HEADS, TRANSFORMER_MLP = 12, 12, 3072  # ViT-Base
+
+#: Constructor arguments shared by every model of this module (a notebook passes these by name).
+ARCHITECTURE_ARGS = ("image_size", "channels", "blocks", "expand_ratio", "kernel_size", "hidden_size",
+                     "transformer_layers", "num_heads", "mlp_dim", "patch_size", "inter_channels", "norm_groups")
+
+
+def _groups(channels: int, norm_groups: int) -> int:
+    """GroupNorm groups for ``channels``: the note's 32, or the largest common divisor with it."""
+    return math.gcd(channels, norm_groups)
+
+
+def _conv_norm_act(cin: int, cout: int, norm_groups: int, kernel: int = 3, stride: int = 1, act: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+              nn.GroupNorm(_groups(cout, norm_groups), cout)]
+    return nn.Sequential(*layers, nn.SiLU()) if act else nn.Sequential(*layers)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The note's initialisation: Kaiming normal (fan-in, ReLU gain) for convolutions, a normal of std
+    :data:`INIT_STD` truncated at two std for linear layers, ones and zeros for norms. ``model.apply`` it."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _check_images(name: str, x: torch.Tensor, in_channels: int, image_size: int) -> None:
+    if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != in_channels or tuple(x.shape[2:]) != (image_size, image_size):
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} must be [B, {in_channels}, {image_size}, {image_size}] (the model's in_channels and "
+                         f"image_size), got {got}")
+
+
+# --------------------------------------------------------------------------- building blocks
+
+class ChannelExpansionStem(nn.Sequential):
+    """``[B, in, S, S]`` -> ``[B, channels, S, S]``: two 3x3 conv + GroupNorm + SiLU at full resolution."""
+
+    def __init__(self, in_channels: int, channels: int, norm_groups: int = GROUP_NORM_GROUPS):
+        super().__init__(_conv_norm_act(in_channels, channels, norm_groups), _conv_norm_act(channels, channels, norm_groups))
+
+
+class EfficientNetMiniEncoder(nn.Module):
+    """Stem plus EfficientNet-style MBConv levels (MONAI's ``MBConvBlock``, GroupNorm instead of BatchNorm).
+
+    Input ``[B, in_channels, S, S]``; output a list of ``len(channels)`` feature maps, level ``l`` being
+    ``[B, channels[l], S / 2**l, S / 2**l]``. Level 0 is the stem; each further level starts with a
+    stride-2 MBConv and adds ``blocks[l-1] - 1`` stride-1 MBConvs. The first level expands by 1 (as
+    EfficientNet's first stage: no inverted bottleneck at high resolution), the others by ``expand_ratio``;
+    squeeze-and-excitation 0.25 everywhere.
+    """
+
+    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
+                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
+                 norm_groups: int = GROUP_NORM_GROUPS):
+        super().__init__()
+        from monai.networks.nets.efficientnet import MBConvBlock
+
+        channels, blocks = tuple(channels), tuple(blocks)
+        if len(blocks) != len(channels) - 1 or any(b < 1 for b in blocks):
+            raise ValueError(f"blocks must give one count >= 1 per level after the stem ({len(channels) - 1} for "
+                             f"channels={channels}), got {blocks}")
+        self.stem = ChannelExpansionStem(in_channels, channels[0], norm_groups)
+        self.levels = nn.ModuleList()
+        size = image_size
+        for level, (cin, cout, n) in enumerate(zip(channels[:-1], channels[1:], blocks), start=1):
+            stage = []
+            for i in range(n):
+                c_in, expand = (cin if i == 0 else cout), (1 if level == 1 else expand_ratio)
+                # MBConvBlock normalises its expanded (c_in * expand) and projected (cout) channels with
+                # one group count: gcd(c_in, cout, norm_groups) divides both.
+                norm = ("group", {"num_groups": math.gcd(c_in, cout, norm_groups)})
+                stage.append(MBConvBlock(2, c_in, cout, kernel_size, 2 if i == 0 else 1, [size, size], expand,
+                                         0.25, True, norm, drop_connect_rate=None))
+                size = size // 2 if i == 0 else size
+            self.levels.append(nn.Sequential(*stage))
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [self.stem(x)]
+        for level in self.levels:
+            feats.append(level(feats[-1]))
+        return feats
+
+
+class TransformerBranch(nn.Module):
+    """ViT over the deepest feature map: ``[B, C, f, f]`` -> ``[B, C, f, f]``.
+
+    Patches of ``patch_size`` (MONAI ``PatchEmbeddingBlock``, learnable position embedding: 32x32 features
+    in patches of 2 give the note's 16x16 = 256 patches), ``layers`` MONAI ``TransformerBlock``s
+    (``F.scaled_dot_product_attention``), LayerNorm, then a transposed convolution back to ``f x f x C``.
+    """
+
+    def __init__(self, channels: int, feature_size: int, hidden_size: int = HIDDEN_CHANNELS, patch_size: int = 2,
+                 layers: int = TRANSFORMER_LAYERS, num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP):
+        super().__init__()
+        from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
+
+        if feature_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} must divide the feature map size {feature_size} "
+                             f"(image_size / 2**levels)")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        self.grid = feature_size // patch_size
+        self.embed = PatchEmbeddingBlock(channels, feature_size, patch_size, hidden_size, num_heads,
+                                         proj_type="conv", pos_embed_type="learnable", spatial_dims=2)
+        self.blocks = nn.Sequential(*[TransformerBlock(hidden_size, mlp_dim, num_heads, qkv_bias=True,
+                                                       use_flash_attention=True) for _ in range(layers)])
+        for block in self.blocks:  # MONAI builds this LayerNorm even without cross-attention; it would
+            block.norm_cross_attn = nn.Identity()  # be an unused parameter (DDP refuses those)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.unpatch = nn.ConvTranspose2d(hidden_size, channels, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(self.blocks(self.embed(x)))                      # [B, N, hidden]
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
+        return self.unpatch(grid)
+
+
+class BottleneckBlock(nn.Module):
+    """Transformer branch beside a conv branch (``C -> inter -> C``), merged by a 1x1 conv, plus the input.
+
+    ``[B, C, f, f]`` -> ``[B, C, f, f]``.
+    """
+
+    def __init__(self, channels: int, feature_size: int, inter_channels: int = INTER_CHANNELS,
+                 norm_groups: int = GROUP_NORM_GROUPS, **transformer):
+        super().__init__()
+        self.transformer = TransformerBranch(channels, feature_size, **transformer)
+        self.conv = nn.Sequential(_conv_norm_act(channels, inter_channels, norm_groups),
+                                  _conv_norm_act(inter_channels, channels, norm_groups, act=False))
+        self.merge = _conv_norm_act(2 * channels, channels, norm_groups, kernel=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.merge(torch.cat([self.transformer(x), self.conv(x)], dim=1))
+
+
+class BottleneckEncoder(nn.Module):
+    """The shared encoder: :class:`EfficientNetMiniEncoder` then :class:`BottleneckBlock` on its last level.
+
+    Input ``[B, in_channels, S, S]`` with ``S == image_size``; output the list of level features (see
+    :class:`EfficientNetMiniEncoder`), the last one replaced by the bottleneck's
+    ``[B, channels[-1], S/16, S/16]`` (for five levels). Pre-trained by :class:`MaskedReconstructionModel`.
+    """
+
+    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
+                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
+                 hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
+                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
+                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        for name, value in (("image_size", image_size), ("in_channels", in_channels), ("expand_ratio", expand_ratio),
+                            ("hidden_size", hidden_size), ("transformer_layers", transformer_layers),
+                            ("num_heads", num_heads), ("mlp_dim", mlp_dim), ("patch_size", patch_size),
+                            ("inter_channels", inter_channels), ("norm_groups", norm_groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if kernel_size not in (3, 5, 7):
+            raise ValueError(f"kernel_size must be 3, 5 or 7, got {kernel_size!r}")
+        if len(channels) < 2 or any(c < 1 for c in channels):
+            raise ValueError(f"channels must list >= 2 positive widths (stem, then one per stride-2 level), got {channels}")
+        stride = 2 ** (len(channels) - 1)
+        if image_size % stride:
+            raise ValueError(f"image_size {image_size} must be divisible by 2**{len(channels) - 1} = {stride} "
+                             f"(one halving per level of channels={channels})")
+        self.image_size, self.in_channels, self.channels = image_size, in_channels, channels
+        self.feature_size = image_size // stride
+        self.features = EfficientNetMiniEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size,
+                                                norm_groups)
+        self.bottleneck = BottleneckBlock(channels[-1], self.feature_size, inter_channels, norm_groups,
+                                          hidden_size=hidden_size, patch_size=patch_size, layers=transformer_layers,
+                                          num_heads=num_heads, mlp_dim=mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        _check_images("image", x, self.in_channels, self.image_size)
+        feats = self.features(x)
+        return feats[:-1] + [self.bottleneck(feats[-1])]
+
+
+class DifferenceFusion(nn.Module):
+    """Fuse the two images' bottleneck features: ``[B, C, f, f]`` x 2 -> ``[B, C, f, f]``.
+
+    The features are interleaved channel by channel (``b0, f0, b1, f1, ...``) and compressed along three
+    paths that are summed: a grouped 1x1 conv (one group per channel pair: a learnt per-channel
+    difference, the note's "1x1 depthwise"), a full 3x3 conv, and a 7x7 depthwise-separable conv.
+    """
+
+    def __init__(self, channels: int, norm_groups: int = GROUP_NORM_GROUPS):
+        super().__init__()
+        c2 = 2 * channels
+        self.pointwise = nn.Conv2d(c2, channels, 1, groups=channels, bias=False)
+        self.full = nn.Conv2d(c2, channels, 3, padding=1, bias=False)
+        self.separable = nn.Sequential(nn.Conv2d(c2, c2, 7, padding=3, groups=c2, bias=False),
+                                       nn.Conv2d(c2, channels, 1, bias=False))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(channels, norm_groups), channels), nn.SiLU())
+
+    def forward(self, base: torch.Tensor, follow: torch.Tensor) -> torch.Tensor:
+        x = torch.stack([base, follow], dim=2).flatten(1, 2)
+        return self.out(self.pointwise(x) + self.full(x) + self.separable(x))
+
+
+class DecoderBlock(nn.Module):
+    """2x2 transposed conv (x2 upsampling), concatenation of a skip, two 3x3 conv + GroupNorm + SiLU.
+
+    ``[B, in, h, w]`` (+ skip ``[B, skip, 2h, 2w]``) -> ``[B, out, 2h, 2w]``.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm_groups: int = GROUP_NORM_GROUPS):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        self.conv = nn.Sequential(_conv_norm_act(out_channels + skip_channels, out_channels, norm_groups),
+                                  _conv_norm_act(out_channels, out_channels, norm_groups))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.up(x)
+        return self.conv(x if skip is None else torch.cat([x, skip], dim=1))
+
+
+# --------------------------------------------------------------------------- the change models
+
+class LongitudinalMIMModelBig(nn.Module):
+    """Baseline + follow-up -> signed change map (see the module docstring).
+
+    ``forward(baseline, followup)``: both ``[B, in_channels, image_size, image_size]``; returns
+    ``[B, 1, image_size, image_size]`` in [-1, 1] (``tanh``), + = attenuation increased (appeared),
+    - = decreased (resolved). ``channels`` has one width per level (stem, then one per halving),
+    ``decoder_channels`` one per upsampling (``len(channels) - 1``). ``encoder`` is shared by both
+    images and is what :class:`MaskedReconstructionModel` pre-trains and :func:`freeze_encoder` freezes.
+    """
+
+    skips = True
+
+    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
+                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
+                 hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
+                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
+                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS,
+                 decoder_channels: Sequence[int] = DECODER_CHANNELS):
+        super().__init__()
+        self.encoder = BottleneckEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size, hidden_size,
+                                         transformer_layers, num_heads, mlp_dim, patch_size, inter_channels, norm_groups)
+        channels, decoder_channels = self.encoder.channels, tuple(int(c) for c in decoder_channels)
+        if len(decoder_channels) != len(channels) - 1 or any(c < 1 for c in decoder_channels):
+            raise ValueError(f"decoder_channels must give {len(channels) - 1} positive widths (one per upsampling of "
+                             f"channels={channels}), got {decoder_channels}")
+        self.image_size, self.in_channels = image_size, in_channels
+        self.fusion = DifferenceFusion(channels[-1], norm_groups)
+        ins = (channels[-1],) + decoder_channels[:-1]
+        skip = [2 * c if self.skips else 0 for c in reversed(channels[:-1])]
+        self.decoder = nn.ModuleList(DecoderBlock(i, s, o, norm_groups) for i, s, o in zip(ins, skip, decoder_channels))
+        self.head = nn.Conv2d(decoder_channels[-1], 1, 1)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.head.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)  # start near y = 0
+
+    def forward(self, baseline: torch.Tensor, followup: torch.Tensor) -> torch.Tensor:
+        _check_images("baseline", baseline, self.in_channels, self.image_size)
+        _check_images("followup", followup, self.in_channels, self.image_size)
+        if baseline.shape != followup.shape:
+            raise ValueError(f"baseline {tuple(baseline.shape)} and followup {tuple(followup.shape)} differ in shape")
+        n = baseline.shape[0]
+        feats = self.encoder(torch.cat([baseline, followup]))  # one pass through the shared weights
+        x = self.fusion(feats[-1][:n], feats[-1][n:])
+        for block, f in zip(self.decoder, reversed(feats[:-1])):
+            x = block(x, torch.cat([f[:n], f[n:]], dim=1) if self.skips else None)
+        return torch.tanh(self.head(x))
+
+
+class LongitudinalMIMModel(LongitudinalMIMModelBig):
+    """The smaller variant: the same shared encoder and difference fusion, a decoder without skip
+    connections (every level upsamples the fused bottleneck alone). Same inputs and output."""
+
+    skips = False
+
+
+# --------------------------------------------------------------------------- auxiliary models
+
+class MaskedReconstructionModel(nn.Module):
+    """Masked image modelling (SimMIM style) that pre-trains :class:`BottleneckEncoder`.
+
+    ``forward(image, mask)``: ``image`` ``[B, in_channels, S, S]``, ``mask`` ``[B, 1, S, S]`` (1 = hidden,
+    see :func:`random_patch_mask`). Hidden pixels are replaced by a learnt value, the encoder sees the
+    result, and a 1x1 conv plus pixel shuffle (x ``2**levels``) predicts the image: ``[B, in_channels, S, S]``.
+    Train with :func:`masked_reconstruction_loss`; hand ``encoder`` to a change model afterwards.
+    """
+
+    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
+                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
+                 hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
+                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
+                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS):
+        super().__init__()
+        self.encoder = BottleneckEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size, hidden_size,
+                                         transformer_layers, num_heads, mlp_dim, patch_size, inter_channels, norm_groups)
+        stride = image_size // self.encoder.feature_size
+        self.mask_value = nn.Parameter(torch.zeros(1, in_channels, 1, 1))
+        self.head = nn.Sequential(nn.Conv2d(self.encoder.channels[-1], stride * stride * in_channels, 1),
+                                  nn.PixelShuffle(stride))
+        self.image_size, self.in_channels = image_size, in_channels
+        self.apply(init_weights)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        _check_images("image", image, self.in_channels, self.image_size)
+        if mask.shape != (image.shape[0], 1, *image.shape[2:]):
+            raise ValueError(f"mask must be [B, 1, S, S] = {(image.shape[0], 1, *image.shape[2:])}, got {tuple(mask.shape)}")
+        m = mask.to(image.dtype)
+        return self.head(self.encoder(image * (1 - m) + self.mask_value * m)[-1])
+
+
+def random_patch_mask(batch: int, image_size: int, patch: int, ratio: float, *, device: torch.device | str = "cpu",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[batch, 1, S, S]`` float masks hiding exactly ``round(ratio * n)`` of the ``n`` patches of each image."""
+    if image_size % patch:
+        raise ValueError(f"mask patch {patch} must divide image_size {image_size}")
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    g = image_size // patch
+    n, k = g * g, round(ratio * g * g)
+    order = torch.rand(batch, n, generator=generator).argsort(dim=1)
+    hidden = torch.zeros(batch, n)
+    hidden.scatter_(1, order[:, :k], 1.0)
+    hidden = hidden.reshape(batch, 1, g, g)
+    return hidden.repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(device)
+
+
+def masked_reconstruction_loss(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the hidden pixels only (SimMIM's L1)."""
+    m = mask.to(pred.dtype).expand_as(pred)
+    return ((pred.float() - image.float()).abs() * m).sum() / m.sum().clamp_min(1)
+
+
+class ClassificationModel(nn.Module):
+    """Multi-label findings from one radiograph: ``[B, in_channels, S, S]`` -> logits ``[B, labels_num]``.
+
+    The shared encoder, global average pooling, LayerNorm and a linear layer (sigmoid/BCE outside).
+    """
+
+    def __init__(self, labels_num: int = LABELS_NUM, image_size: int = IMG_SIZE, in_channels: int = 1,
+                 channels: Sequence[int] = ENCODER_CHANNELS, blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6,
+                 kernel_size: int = 3, hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
+                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
+                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(labels_num, int) or labels_num < 1:
+            raise ValueError(f"labels_num must be an int >= 1, got {labels_num!r}")
+        self.encoder = BottleneckEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size, hidden_size,
+                                         transformer_layers, num_heads, mlp_dim, patch_size, inter_channels, norm_groups)
+        c = self.encoder.channels[-1]
+        self.classifier = nn.Sequential(nn.LayerNorm(c), nn.Dropout(dropout), nn.Linear(c, labels_num))
+        self.apply(init_weights)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.encoder(image)[-1].mean(dim=(2, 3)))
+
+
+class Discriminator(nn.Module):
+    """Conditional PatchGAN (pix2pix) on ``(baseline, followup, change)``: MONAI's ``PatchDiscriminator``.
+
+    ``forward(baseline, followup, change)``: each ``[B, image_channels, S, S]``; returns real/fake logits,
+    one per overlapping receptive patch: ``[B, 1, S/8 - 2, S/8 - 2]`` with three layers (pix2pix's 70x70
+    PatchGAN, 30 x 30 logits at 256). GroupNorm, LeakyReLU 0.2.
+    """
+
+    def __init__(self, image_channels: int = 1, channels: int = 64, num_layers: int = 3,
+                 norm_groups: int = GROUP_NORM_GROUPS):
+        super().__init__()
+        from monai.networks.nets import PatchDiscriminator
+
+        if num_layers < 1 or channels < 1:
+            raise ValueError(f"num_layers and channels must be >= 1, got {num_layers}, {channels}")
+        self.image_channels = image_channels
+        self.net = PatchDiscriminator(spatial_dims=2, channels=channels, in_channels=3 * image_channels, out_channels=1,
+                                      num_layers_d=num_layers, norm=("group", {"num_groups": _groups(2 * channels, norm_groups)}))
+
+    def forward(self, baseline: torch.Tensor, followup: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        shapes = {tuple(t.shape) for t in (baseline, followup, change)}
+        if len(shapes) != 1 or baseline.ndim != 4 or baseline.shape[1] != self.image_channels:
+            raise ValueError(f"baseline, followup and change must share one shape [B, {self.image_channels}, S, S], "
+                             f"got {[tuple(t.shape) for t in (baseline, followup, change)]}")
+        return self.net(torch.cat([baseline, followup, change], dim=1))[-1]
+
+
+def freeze_encoder(model: nn.Module, frozen: bool = True) -> int:
+    """Stop (or restart) gradients into ``model.encoder``; returns how many parameters changed state.
+
+    Build the optimizer over ``requires_grad`` parameters after calling this.
+    """
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no encoder to freeze")
+    n = 0
+    for p in encoder.parameters():
+        n += p.numel() if p.requires_grad == frozen else 0
+        p.requires_grad_(not frozen)
+    return n
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------- loss and augmentation
+
+def change_target(change: torch.Tensor) -> torch.Tensor:
+    """The training target of the signed map: ``sign(change)`` in {-1, 0, +1} (the cleaned map is 0 where
+    nothing changed)."""
+    return torch.sign(change.float())
+
+
+def change_loss(pred: torch.Tensor, change: torch.Tensor, dice_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Loss of a signed change map ``pred`` (``[B, 1, S, S]`` in [-1, 1]) against the cohort's ``change``.
+
+    ``mse(pred, sign(change)) + dice_weight * soft Dice`` over two channels, ``relu(pred)`` against the
+    appeared mask and ``relu(-pred)`` against the resolved one (MONAI ``DiceLoss``, pooled over the batch,
+    so a batch of nuisance-only pairs still has a defined loss). Returns ``(loss, {"mse", "soft_dice"})``.
+    """
+    from monai.losses import DiceLoss
+
+    if pred.shape != change.shape or pred.ndim != 4 or pred.shape[1] != 1:
+        raise ValueError(f"pred and change must both be [B, 1, S, S], got {tuple(pred.shape)} and {tuple(change.shape)}")
+    pred, t = pred.float(), change_target(change)
+    mse = F.mse_loss(pred, t)
+    probs = torch.cat([pred.clamp_min(0), (-pred).clamp_min(0)], dim=1)
+    masks = torch.cat([(t > 0), (t < 0)], dim=1).float()
+    dice = DiceLoss(batch=True, smooth_nr=1e-5, smooth_dr=1e-5)(probs, masks)
+    return mse + dice_weight * dice, {"mse": mse.detach(), "soft_dice": 1 - dice.detach()}
+
+
+def augment_pairs(baseline: torch.Tensor, followup: torch.Tensor, change: torch.Tensor,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per pair, at random: swap baseline and follow-up (the change map changes sign) and mirror left-right
+    (all three together). Both keep the pair physically consistent; tensors ``[B, C, S, S]``."""
+    n = baseline.shape[0]
+    swap = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
+    b, f = torch.where(swap, followup, baseline), torch.where(swap, baseline, followup)
+    c = torch.where(swap, -change, change)
+    b, f, c = (torch.where(flip, x.flip(-1), x) for x in (b, f, c))
+    return b, f, c
+
+
+# --------------------------------------------------------------------------- baseline and evaluation
+
+def subtraction_baseline(baseline: torch.Tensor, followup: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    """The naive baseline's signed map: ``followup / a - baseline``, ``a`` the least-squares gain between them.
+
+    Registration-free: the only alignment is of intensity (exposure differs between visits); nothing is
+    moved. Optionally smoothed by a sampled Gaussian of ``sigma`` pixels (MONAI ``GaussianFilter``, 4 sigma,
+    zero padding). Its change
+    score is ``abs()`` of the result. ``[B, C, S, S]`` in and out.
+    """
+    if baseline.shape != followup.shape or baseline.ndim != 4:
+        raise ValueError(f"baseline and followup must share one shape [B, C, S, S], got {tuple(baseline.shape)} "
+                         f"and {tuple(followup.shape)}")
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    b, f = baseline.float(), followup.float()
+    gain = (f * b).flatten(1).sum(1) / (b * b).flatten(1).sum(1).clamp_min(1e-12)
+    d = f / gain.clamp_min(1e-6).view(-1, 1, 1, 1) - b
+    if sigma > 0:
+        from monai.networks.layers import GaussianFilter
+
+        d = GaussianFilter(2, sigma, truncated=4.0, approx="sampled")(d)
+    return d
+
+
+def choose_threshold(scores: torch.Tensor, change: torch.Tensor, levels: int = 200) -> float:
+    """The threshold on ``scores`` (``[B, 1, S, S]``, higher = more likely changed) that maximises the mean
+    Dice on changed pixels over the pairs that have any. Candidates: ``levels`` quantiles of the scores
+    between the median and the 99.9th percentile. Use it on the validation split only."""
+    from lib.metrics import dice
+
+    has = (change != 0).flatten(1).any(1)
+    if not has.any():
+        raise ValueError("choose_threshold: no pair has changed pixels")
+    s, target = scores[has].float(), change[has] != 0
+    flat = s.flatten()
+    if flat.numel() > 2_000_000:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    candidates = torch.quantile(flat, torch.linspace(0.5, 0.999, levels)).unique()
+    best = max(candidates.tolist(), key=lambda t: dice(s > t, target).mean().item())
+    return float(best)
+
+
+def change_metrics(signed: torch.Tensor, change: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """Per-pair metrics of a signed map (score ``|signed|``) thresholded at ``threshold``.
+
+    ``dice``: Dice on changed pixels (``|signed| > threshold`` vs ``change != 0``), NaN for pairs without
+    change. ``signed_dice``: the same where a pixel only counts with the right sign,
+    ``2(|P+ & G+| + |P- & G-|) / (|P+| + |P-| + |G+| + |G-|)``. ``fp_area``: fraction of the image flagged
+    as changed, on pairs without change (NaN elsewhere) -- the false-positive area of nuisance-only pairs.
+    """
+    from lib.metrics import dice
+
+    if signed.shape != change.shape:
+        raise ValueError(f"signed map {tuple(signed.shape)} and change {tuple(change.shape)} differ in shape")
+    s = signed.float()
+    pos_p, neg_p, pos_g, neg_g = s > threshold, s < -threshold, change > 0, change < 0
+    has = (pos_g | neg_g).flatten(1).any(1)
+    nan = torch.full(has.shape, float("nan"))
+    inter = (pos_p & pos_g).flatten(1).sum(1) + (neg_p & neg_g).flatten(1).sum(1)
+    total = pos_p.flatten(1).sum(1) + neg_p.flatten(1).sum(1) + pos_g.flatten(1).sum(1) + neg_g.flatten(1).sum(1)
+    flagged = (pos_p | neg_p).flatten(1).float().mean(1)
+    return {"dice": torch.where(has, dice(pos_p | neg_p, pos_g | neg_g), nan),
+            "signed_dice": torch.where(has, 2 * inter / total.clamp_min(1), nan),
+            "fp_area": torch.where(has, nan, flagged)}
+
+
+def summarize(signed: torch.Tensor, change: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Split-level numbers: mean Dice and signed Dice over pairs with change, pixel AUC of ``|signed|``
+    over every pixel of every pair (lib.metrics.auc), mean false-positive area over nuisance-only pairs."""
+    from lib.metrics import auc
+
+    per = change_metrics(signed, change, threshold)
+    return {"dice": float(per["dice"].nanmean()), "signed_dice": float(per["signed_dice"].nanmean()),
+            "pixel_auc": auc(signed.abs(), change != 0), "fp_area": float(per["fp_area"].nanmean()),
+            "threshold": float(threshold)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, amp: bool = True) -> dict:
+    """Run a change model over a loader of :class:`lib.data.datasets.CXRPairs` batches.
+
+    Returns ``baseline``, ``followup``, ``change``, ``pred`` (``[N, 1, S, S]`` float32 on the CPU),
+    ``nuisance_only`` ``[N]`` and ``pair`` (names).
+    """
+    from lib.device import autocast
+
+    was = model.training
+    model.eval()
+    out: dict = {k: [] for k in ("baseline", "followup", "change", "pred", "nuisance_only", "pair")}
+    for batch in loader:
+        b, f = batch["baseline"].to(device), batch["followup"].to(device)
+        with autocast(device, amp):
+            y = model(b, f)
+        out["pred"].append(y.float().cpu())
+        for k in ("baseline", "followup", "change", "nuisance_only"):
+            out[k].append(torch.as_tensor(batch[k]).cpu())
+        out["pair"] += list(batch["pair"])
+    model.train(was)
+    return {k: v if k == "pair" else torch.cat(v) for k, v in out.items()}

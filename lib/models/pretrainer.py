@@ -1,0 +1,484 @@
+"""Self-supervised pre-training of :class:`~lib.models.waveformer.WaveFormer3D`: MiM masking, a SparK-style
+dense encoder/decoder over the masked grid, masked-voxel reconstruction and spatial InfoNCE.
+
+One forward pass of :class:`WaveFormerSparKMiMPretrainer` on ``x`` [B, 1 or 3, D, H, W]:
+
+1. **Masked input.** The patch embedding turns ``x`` into tokens [B, E, d, h, w];
+   :class:`~lib.losses.masking.MiMHierarchicalMasking` draws the global mask (60 % of blocks) and the
+   local mask nested in it; masked tokens are replaced by a learned ``mask_token`` *before* the
+   transformer, so the encoder never sees a masked voxel.
+2. **Encoder.** The WaveFormer blocks run on that grid (all ``depth`` maps are kept).
+3. **SparK-style sparse levels** (:class:`SparseEncoder3D`): the final map, with masked positions
+   emptied (zero), and ``spark_levels`` stride-2 stages computed as SparK emulates sparse convolution
+   densely: every convolution's output is multiplied by the visibility of its level (a coarse
+   position is visible when any of its 2x2x2 children is, as a strided sparse convolution would
+   have it), and normalisation statistics come from visible positions only (:class:`MaskedGroupNorm`).
+4. **Decoder** (:class:`LightDecoder3D`, SparK's light U-Net decoder): from the coarsest level up,
+   empty positions are filled with that level's learned mask token, projected, added to the upsampled
+   coarser result and convolved; a 1x1x1 head per input channel count predicts every token's voxel
+   patch (``patch_size**3 * C`` values).
+5. **Losses.** Reconstruction: MSE against the per-patch-normalised voxel patch (mean 0, variance 1 per
+   patch, as MAE and SparK), over masked tokens only (reported also for the local "hard" and the
+   global-only "easy" targets). Contrastive: :class:`~lib.losses.contrastive.SpatialInfoNCE` between
+   encoder depths ``contrastive_levels`` at visible locations. ``loss = recon + 0.5 * contrast``.
+
+Why not the research notes' objective (reconstruct the backbone's own features at masked positions of
+an unmasked input): that target moves with the encoder and is met by collapsing the features, and an
+encoder that saw the input cannot learn to infer what was hidden. Voxel targets cannot collapse.
+
+Checkpoint of the encoder (``save_encoder``; what ``03_pretrain`` writes as ``<run>/encoder.pt``)::
+
+    {"format": "lib.models.pretrainer/encoder-1",
+     "config": {WaveFormer3D constructor arguments},
+     "state_dict": WaveFormer3D state_dict,
+     "meta": {free-form: notebook, run id, preset, epoch, ...}}
+
+written atomically by :func:`lib.checkpoint.save`, read by :func:`load_encoder` with
+``weights_only=True`` (which also accepts a run folder or a ``lib.train`` checkpoint of the pretrainer).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lib.losses.contrastive import SpatialInfoNCE
+from lib.losses.masking import MiMHierarchicalMasking, MiMMasks
+from lib.models.waveformer import IN_CHANNELS, WaveFormer3D
+
+ENCODER_FORMAT = "lib.models.pretrainer/encoder-1"
+EVAL_SEED = 20250  # masks of eval_step: the same for every validation, so val losses compare
+
+
+# --------------------------------------------------------------------------- patches
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, D, H, W] -> [B, N, C * p**3], tokens in (d, h, w) order, values in (c, pd, ph, pw) order."""
+    b, c, d, h, w = x.shape
+    p = patch_size
+    if d % p or h % p or w % p:
+        raise ValueError(f"patchify: spatial size {(d, h, w)} is not a multiple of patch_size {p}")
+    x = x.reshape(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (d // p) * (h // p) * (w // p), c * p ** 3)
+
+
+def unpatchify(patches: torch.Tensor, channels: int, patch_size: int, grid: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`: [B, N, C * p**3] -> [B, C, d*p, h*p, w*p]."""
+    b = patches.shape[0]
+    p, (d, h, w) = patch_size, (int(s) for s in grid)
+    x = patches.reshape(b, d, h, w, channels, p, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, channels, d * p, h * p, w * p)
+
+
+def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch standardisation (MAE's ``norm_pix_loss``): returns ``(normalised, mean, std)``."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+    return (patches - mean) / std, mean, std
+
+
+# --------------------------------------------------------------------------- SparK-style sparse levels
+
+def _groups(channels: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class MaskedGroupNorm(nn.Module):
+    """GroupNorm whose mean and variance come from the visible positions only; masked outputs are 0.
+
+    ``forward(x [B, C, *S], visible [B, 1, *S] in {0, 1})`` -> [B, C, *S]. Statistics are taken in float32.
+    """
+
+    def __init__(self, num_groups: int, channels: int, eps: float = 1e-5):
+        super().__init__()
+        if channels % num_groups:
+            raise ValueError(f"MaskedGroupNorm: channels ({channels}) must be divisible by num_groups ({num_groups})")
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        xg = x.float().reshape(b, self.num_groups, c // self.num_groups, -1)
+        v = visible.float().reshape(b, 1, 1, -1)
+        n = (v.sum(dim=-1, keepdim=True) * xg.shape[2]).clamp(min=1.0)
+        mean = (xg * v).sum(dim=(2, 3), keepdim=True) / n
+        var = (((xg - mean) ** 2) * v).sum(dim=(2, 3), keepdim=True) / n
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
+        shape = (1, c) + (1,) * (x.ndim - 2)
+        return (y * self.weight.view(shape) + self.bias.view(shape)) * visible.float()
+
+
+def _pad_even(t: torch.Tensor) -> torch.Tensor:
+    pad = [p for s in reversed(t.shape[2:]) for p in (0, s % 2)]
+    return F.pad(t, pad) if any(pad) else t
+
+
+class _SparseStage(nn.Module):
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.down = nn.Conv3d(in_channels, dim, kernel_size=2, stride=2)
+        self.norm1 = MaskedGroupNorm(_groups(dim), dim)
+        self.conv = nn.Conv3d(dim, dim, kernel_size=3, padding=1)
+        self.norm2 = MaskedGroupNorm(_groups(dim), dim)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visible = F.max_pool3d(_pad_even(visible), 2)  # visible if any child is (strided sparse conv)
+        x = F.gelu(self.norm1(self.down(_pad_even(x)) * visible, visible))
+        x = F.gelu(self.norm2(self.conv(x) * visible, visible))
+        return x, visible
+
+
+class SparseEncoder3D(nn.Module):
+    """Dense emulation of SparK's sparse encoder on the token grid.
+
+    ``forward(x [B, C, d, h, w], visible [B, 1, d, h, w] float)`` -> list of ``levels + 1`` pairs
+    ``(features, visible)``: level 0 is ``x`` with masked positions zeroed, level k has ``dim``
+    channels on a grid halved k times (odd sizes padded). Masked positions hold 0 at every level.
+    """
+
+    def __init__(self, in_channels: int, dim: int, levels: int):
+        super().__init__()
+        if levels < 0:
+            raise ValueError(f"SparseEncoder3D: levels must be >= 0, got {levels}")
+        self.stages = nn.ModuleList(_SparseStage(in_channels if i == 0 else dim, dim) for i in range(levels))
+        self.channels = [in_channels] + [dim] * levels
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = x * visible.to(x.dtype)
+        out = [(x, visible)]
+        for stage in self.stages:
+            x, visible = stage(x, visible)
+            out.append((x, visible))
+        return out
+
+
+class _DecoderBlock(nn.Module):
+    """3x3x3 convolution, GroupNorm, GELU."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv3d(dim, dim, kernel_size=3, padding=1)
+        self.norm = nn.GroupNorm(_groups(dim), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.norm(self.conv(x)))
+
+
+class LightDecoder3D(nn.Module):
+    """SparK's light decoder: per-level mask tokens fill the empty positions, coarse to fine.
+
+    ``forward(levels)`` takes :class:`SparseEncoder3D`'s output and returns [B, dim, d, h, w] on level 0's grid.
+    """
+
+    def __init__(self, level_channels: Sequence[int], dim: int):
+        super().__init__()
+        self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1, 1)) for c in level_channels)
+        for token in self.mask_tokens:
+            nn.init.trunc_normal_(token, std=0.02)
+        self.densify = nn.ModuleList(nn.Conv3d(c, dim, kernel_size=1) for c in level_channels)
+        self.up = nn.ModuleList(nn.ConvTranspose3d(dim, dim, kernel_size=2, stride=2) for _ in level_channels[1:])
+        self.blocks = nn.ModuleList(_DecoderBlock(dim) for _ in level_channels)
+
+    def forward(self, levels: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        if len(levels) != len(self.densify):
+            raise ValueError(f"LightDecoder3D: expected {len(self.densify)} levels, got {len(levels)}")
+        h = None
+        for k in reversed(range(len(levels))):
+            features, visible = levels[k]
+            dense = torch.where(visible.bool(), features, self.mask_tokens[k].to(features.dtype))
+            d = self.densify[k](dense)
+            if h is not None:
+                d = d + self.up[k](h)[:, :, : d.shape[2], : d.shape[3], : d.shape[4]]
+            h = self.blocks[k](d)
+        return h
+
+
+# --------------------------------------------------------------------------- the pretrainer
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor          # recon + contrastive_weight * contrast
+    recon: torch.Tensor         # per-patch-normalised MSE over masked tokens
+    contrast: torch.Tensor      # spatial InfoNCE
+    recon_local: torch.Tensor   # the same MSE over the local ("hard") masked tokens
+    recon_easy: torch.Tensor    # ... over the global-only ("easy") masked tokens
+    pred: torch.Tensor          # [B, N, C * p**3] predicted normalised patches (every token)
+    target: torch.Tensor        # [B, N, C * p**3] normalised voxel patches
+    masks: MiMMasks
+    features: list              # the encoder's maps [B, E, d, h, w], one per block
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"recon": self.recon.detach(), "contrast": self.contrast.detach(),
+                "recon_local": self.recon_local.detach(), "recon_easy": self.recon_easy.detach()}
+
+
+def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.reshape(per_token.shape).float()
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+class WaveFormerSparKMiMPretrainer(nn.Module):
+    """WaveFormer3D + MiM + SparK-style decoder + spatial InfoNCE; see the module docstring.
+
+    Args:
+        encoder: the backbone to pre-train (kept as ``self.encoder``; its weights are what is exported).
+        spark_dim, spark_levels: channels and number of stride-2 sparse stages above the token grid.
+            With the adaptive MiM block edge b, levels <= log2(b) (1 at grids <= 8, 2 at 16) make every
+            level hold fully masked positions, so every level's mask token is trained at every step.
+        decoder_dim: width of the light decoder.
+        mask_ratio, local_ratio, min_unmasked_blocks: :class:`MiMHierarchicalMasking`.
+        contrastive_weight: weight of the InfoNCE term (0.5).
+        contrastive_levels: indices of the encoder blocks whose maps the InfoNCE compares (shallow -> deep).
+        projection_dim, temperature, num_samples: :class:`SpatialInfoNCE`.
+        norm_eps: epsilon of the per-patch normalisation of the targets.
+
+    ``forward(x, masks=None, generator=None)``: ``x`` [B, 1 or 3, D, H, W] -> :class:`PretrainOutput`.
+    Masks are drawn from ``generator`` (or torch's global generator) unless given.
+    """
+
+    def __init__(self, encoder: WaveFormer3D, *, spark_dim: int = 128, spark_levels: int = 1, decoder_dim: int = 64,
+                 mask_ratio: float = 0.6, local_ratio: float = 0.8, min_unmasked_blocks: int = 2,
+                 contrastive_weight: float = 0.5, contrastive_levels: Sequence[int] = (0, -1),
+                 projection_dim: int = 128, temperature: float = 0.1, num_samples: int = 256, norm_eps: float = 1e-6):
+        super().__init__()
+        if not isinstance(encoder, WaveFormer3D):
+            raise ValueError(f"WaveFormerSparKMiMPretrainer: encoder must be a WaveFormer3D, got {type(encoder).__name__}")
+        levels = [int(i) for i in contrastive_levels]
+        if len(levels) < 2 or any(not -encoder.depth <= i < encoder.depth for i in levels):
+            raise ValueError(f"WaveFormerSparKMiMPretrainer: contrastive_levels must be >= 2 block indices in "
+                             f"[-{encoder.depth}, {encoder.depth}), got {list(contrastive_levels)}")
+        if contrastive_weight < 0:
+            raise ValueError(f"WaveFormerSparKMiMPretrainer: contrastive_weight must be >= 0, got {contrastive_weight}")
+        e, p = encoder.embed_dim, encoder.patch_size
+        self.encoder = encoder
+        self.mask_token = nn.Parameter(torch.zeros(1, e, 1, 1, 1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.masking = MiMHierarchicalMasking(mask_ratio, local_ratio, min_unmasked_blocks)
+        self.sparse_encoder = SparseEncoder3D(e, spark_dim, spark_levels)
+        self.decoder = LightDecoder3D(self.sparse_encoder.channels, decoder_dim)
+        self.heads = nn.ModuleDict({f"{c}ch": nn.Conv3d(decoder_dim, c * p ** 3, kernel_size=1) for c in IN_CHANNELS})
+        self.contrastive = SpatialInfoNCE([e] * len(levels), projection_dim, temperature, num_samples)
+        self.contrastive_levels, self.contrastive_weight, self.norm_eps = levels, float(contrastive_weight), norm_eps
+
+    def draw_masks(self, x: torch.Tensor, generator: torch.Generator | None = None) -> MiMMasks:
+        grid = [s // self.encoder.patch_size for s in x.shape[2:]]
+        return self.masking(x.shape[0], grid, generator=generator, device=x.device)
+
+    def forward(self, x: torch.Tensor, masks: MiMMasks | None = None,
+                generator: torch.Generator | None = None) -> PretrainOutput:
+        tokens = self.encoder.embed(x)  # validates shape and channels
+        b, grid = x.shape[0], tokens.shape[2:]
+        if masks is None:
+            masks = self.draw_masks(x, generator)
+        if tuple(masks.masked.shape) != (b, *grid):
+            raise ValueError(f"WaveFormerSparKMiMPretrainer: masks must be [B, d, h, w] = {(b, *grid)}, "
+                             f"got shape {tuple(masks.masked.shape)}")
+        hidden = masks.masked[:, None]
+        tokens = torch.where(hidden, self.mask_token.to(tokens.dtype), tokens)
+        maps = self.encoder.forward_tokens(tokens, return_intermediate=True)
+        # The SparK levels, decoder and head run in float32: they cost little next to the transformer, and
+        # bf16 on CPU computes wrong weight gradients for a 3x3x3 convolution over a side of 2 voxels
+        # (oneDNN, torch 2.13; errors up to 1e33), which is what a coarse level of a small grid is.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            visible = (~hidden).float()
+            decoded = self.decoder(self.sparse_encoder(maps[-1].float(), visible))
+            pred = self.heads[f"{x.shape[1]}ch"](decoded).flatten(2).transpose(1, 2)
+        target, _, _ = normalise_patches(patchify(x.float(), self.encoder.patch_size), self.norm_eps)
+        per_token = ((pred - target) ** 2).mean(dim=-1)  # [B, N]
+        recon = _masked_mean(per_token, masks.masked)
+        contrast = self.contrastive([maps[i] for i in self.contrastive_levels], masks.visible, generator)
+        return PretrainOutput(
+            loss=recon + self.contrastive_weight * contrast, recon=recon, contrast=contrast,
+            recon_local=_masked_mean(per_token, masks.local),
+            recon_easy=_masked_mean(per_token, masks.masked & ~masks.local),
+            pred=pred, target=target, masks=masks, features=maps)
+
+
+def _args_of(cls: type, config: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
+    import inspect
+
+    names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", *skip)]
+    return {n: config[n] for n in names if n in config}
+
+
+def build_pretrainer(config: Mapping[str, Any]) -> WaveFormerSparKMiMPretrainer:
+    """A pretrainer whose encoder and heads take the same-named keys of ``config`` (others are ignored),
+    e.g. a notebook's resolved configuration."""
+    return WaveFormerSparKMiMPretrainer(WaveFormer3D(**_encoder_args(config)),
+                                        **_args_of(WaveFormerSparKMiMPretrainer, config, skip=("encoder",)))
+
+
+# --------------------------------------------------------------------------- steps for lib.train.fit
+
+def _volume(batch: Any) -> torch.Tensor:
+    """A batch of :class:`lib.data.datasets.AlternatingLoader` (``(modality, x)``) or a bare tensor."""
+    return batch[1] if isinstance(batch, (tuple, list)) else batch
+
+
+def pretrain_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
+    """``lib.train.fit`` step: masks from torch's (seeded) global generator."""
+    out = model(_volume(batch))
+    return out.loss, out.metrics()
+
+
+def eval_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
+    """Validation step: the same masks (``EVAL_SEED``) at every validation, so the numbers compare."""
+    x = _volume(batch)
+    out = model(x, generator=torch.Generator(device=x.device).manual_seed(EVAL_SEED))
+    return out.loss, out.metrics()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def mean_patch(volumes: Iterable[torch.Tensor], patch_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """The mean per-patch-normalised patch over every token of ``volumes`` (batches [B, C, D, H, W])."""
+    total, count = None, 0
+    for x in volumes:
+        t, _, _ = normalise_patches(patchify(_volume(x).float(), patch_size), eps)
+        s = t.sum(dim=(0, 1))
+        total = s if total is None else total + s
+        count += t.shape[0] * t.shape[1]
+    if total is None:
+        raise ValueError("mean_patch: no volumes given")
+    return total / count
+
+
+@torch.no_grad()
+def heldout_reconstruction(model: WaveFormerSparKMiMPretrainer, volumes: Iterable[torch.Tensor],
+                           baseline: torch.Tensor, repeats: int = 4, seed: int = 0,
+                           device: torch.device | str = "cpu") -> dict[str, float]:
+    """Reconstruction loss of ``model`` and of predicting ``baseline`` (the mean patch) on held-out volumes.
+
+    Both are the per-patch-normalised MSE over the same masked tokens: ``repeats`` mask draws per
+    batch from a generator seeded with ``seed``. Returns means over all masked tokens (fp32, eval mode).
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums = {"model": 0.0, "mean_patch": 0.0}
+    n = 0
+    for x in volumes:
+        x = _volume(x).to(device).float()
+        for _ in range(repeats):
+            out = model(x, generator=generator)
+            m = out.masks.masked.reshape(x.shape[0], -1)
+            sums["model"] += float(((out.pred - out.target) ** 2).mean(-1)[m].sum())
+            sums["mean_patch"] += float(((baseline.to(device) - out.target) ** 2).mean(-1)[m].sum())
+            n += int(m.sum())
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("heldout_reconstruction: no volumes given")
+    return {"model": sums["model"] / n, "mean_patch": sums["mean_patch"] / n, "masked_patches": n}
+
+
+@torch.no_grad()
+def location_variance_ratio(features: torch.Tensor) -> float:
+    """Share of a feature map's variance that lies across locations within a sample.
+
+    ``features`` [B, C, *grid] -> mean over channels of var(across locations, per sample) divided by the
+    mean over channels of var(across samples and locations). 0 for collapsed (location-independent)
+    features, 1 when samples share their mean and only locations differ.
+    """
+    f = features.float().flatten(2)
+    within = f.var(dim=2, unbiased=False).mean()
+    total = f.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).mean()
+    return float(within / total.clamp(min=1e-12))
+
+
+@torch.no_grad()
+def content_variance_ratio(features: torch.Tensor) -> float:
+    """Share of a feature map's variance that lies across inputs at the same location.
+
+    ``features`` [B, C, *grid] (B >= 2 different inputs) -> mean over channels and locations of
+    var(across samples) divided by the mean over channels of var(across samples and locations). 0 when
+    the features depend on the position only (or on nothing): content has collapsed.
+    """
+    f = features.float().flatten(2)
+    across = f.var(dim=0, unbiased=False).mean()
+    total = f.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).mean()
+    return float(across / total.clamp(min=1e-12))
+
+
+@torch.no_grad()
+def reconstruction_example(model: WaveFormerSparKMiMPretrainer, x: torch.Tensor,
+                           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Input, mask and reconstruction of one batch, as voxel volumes [B, C, D, H, W].
+
+    ``mask`` is 1 on masked voxels. ``reconstruction`` keeps the visible voxels and fills the masked
+    patches with the prediction, un-normalised with each true patch's mean and std (MAE's display
+    convention: the model predicts the normalised patch, not its brightness).
+    """
+    was_training = model.training
+    model.eval()
+    x = x.float()
+    out = model(x, generator=generator)
+    model.train(was_training)
+    p, c = model.encoder.patch_size, x.shape[1]
+    grid = [s // p for s in x.shape[2:]]
+    _, mean, std = normalise_patches(patchify(x, p), model.norm_eps)
+    filled = torch.where(out.masks.masked.reshape(x.shape[0], -1, 1), out.pred * std + mean, patchify(x, p))
+    mask = out.masks.masked.float().reshape(x.shape[0], -1, 1).expand(-1, -1, c * p ** 3)
+    return {"input": x, "mask": unpatchify(mask, c, p, grid), "reconstruction": unpatchify(filled, c, p, grid),
+            "recon": out.recon}
+
+
+# --------------------------------------------------------------------------- the encoder checkpoint
+
+def save_encoder(encoder: WaveFormer3D, path: str | os.PathLike, **meta: Any) -> Path:
+    """Write ``{"format", "config", "state_dict", "meta"}`` (see the module docstring) atomically."""
+    from lib import checkpoint as ckpt
+
+    if not isinstance(encoder, WaveFormer3D):
+        raise ValueError(f"save_encoder: expected a WaveFormer3D, got {type(encoder).__name__}")
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    return ckpt.save(path, {"format": ENCODER_FORMAT, "config": dict(encoder.config), "state_dict": state,
+                            "meta": ckpt.plain(meta)})
+
+
+def _encoder_args(config: Mapping[str, Any]) -> dict[str, Any]:
+    return _args_of(WaveFormer3D, config)
+
+
+def load_encoder(path: str | os.PathLike, map_location: Any = "cpu") -> WaveFormer3D:
+    """The pre-trained WaveFormer3D of a 03_pretrain run, frozen, for feature extraction.
+
+    ``path``: a run folder (reads its ``encoder.pt``), an ``encoder.pt``, or a ``lib.train`` checkpoint of
+    the pretrainer (``checkpoints/last.pt`` / ``best.pt``: its EMA weights if it has them, and the
+    constructor arguments from its stored configuration). Loaded with ``weights_only=True``.
+
+    Returns the encoder in eval mode with ``requires_grad_(False)``; ``encoder(x)`` with ``x``
+    [B, 1 or 3, D, H, W] (multiples of ``encoder.patch_size``) returns the list of the ``depth`` block
+    feature maps [B, E, D/p, H/p, W/p] (the last one layer-normalised).
+    """
+    from lib import checkpoint as ckpt
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "encoder.pt"
+    obj = ckpt.load(path, map_location=map_location)
+    kind = obj.get("format") if isinstance(obj, dict) else None
+    if kind == ENCODER_FORMAT:
+        config, state = obj["config"], obj["state_dict"]
+    elif kind == ckpt.FORMAT:
+        prefix = "module.encoder." if obj.get("ema") is not None else "encoder."
+        weights = obj["ema"] if obj.get("ema") is not None else obj["model"]
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        config = _encoder_args(obj["config"])
+        if not state:
+            raise ckpt.CheckpointError(f"{path}: a lib.train checkpoint without encoder weights (not a 03_pretrain run)")
+    else:
+        raise ckpt.CheckpointError(f"{path}: not an encoder checkpoint (format {kind!r}); expected "
+                                   f"{ENCODER_FORMAT!r} or a lib.train checkpoint of 03_pretrain")
+    config = {**_encoder_args(config), "return_intermediate": True, "grad_checkpointing": False}
+    encoder = WaveFormer3D(**config)
+    encoder.load_state_dict(state)
+    encoder.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    return encoder.eval().requires_grad_(False)
