@@ -97,8 +97,10 @@ def oriented_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return volume[index, ::-1, ::-1].T
 
 
-def slice_viewer(volume: np.ndarray, window: str = "auto", title: str = ""):
-    """Interactive viewer of a RAS ``[X, Y, Z]`` volume: axis, slice slider and window preset.
+def slice_viewer(volume: np.ndarray, window: str = "auto", title: str = "", overlay: np.ndarray | None = None,
+                 opacity: float = 0.4):
+    """Interactive viewer of a RAS ``[X, Y, Z]`` volume: axis, slice slider, window preset, and an optional
+    ``overlay`` (mask or prediction of the same shape) drawn in colour with an opacity slider.
 
     Returns the ipywidgets box (display it, or let the cell show it). In a batch run the box renders
     its initial image as a static figure, so nothing breaks without a live frontend.
@@ -111,10 +113,16 @@ def slice_viewer(volume: np.ndarray, window: str = "auto", title: str = ""):
         raise ValueError(f"slice_viewer needs a 3D [X, Y, Z] volume, got shape {volume.shape}")
     if window not in VIEW_WINDOWS:
         raise ValueError(f"unknown window {window!r}; valid windows: {', '.join(VIEW_WINDOWS)}")
+    if overlay is not None:
+        overlay = np.asarray(overlay, np.float32)
+        if overlay.shape != volume.shape:
+            raise ValueError(f"slice_viewer: overlay shape {overlay.shape} differs from the volume's {volume.shape}")
     axis_w = widgets.Dropdown(options=[("axial", 2), ("coronal", 1), ("sagittal", 0)], value=2, description="axis")
     slice_w = widgets.IntSlider(value=volume.shape[2] // 2, min=0, max=volume.shape[2] - 1, description="slice",
                                 continuous_update=True)
     window_w = widgets.Dropdown(options=list(VIEW_WINDOWS), value=window, description="window")
+    opacity_w = widgets.FloatSlider(value=opacity, min=0.0, max=1.0, step=0.05, description="overlay",
+                                    layout=widgets.Layout(display=None if overlay is not None else "none"))
 
     def on_axis(change):
         slice_w.max = volume.shape[change["new"]] - 1
@@ -122,16 +130,20 @@ def slice_viewer(volume: np.ndarray, window: str = "auto", title: str = ""):
 
     axis_w.observe(on_axis, names="value")
 
-    def draw(axis, index, window_name):
+    def draw(axis, index, window_name, alpha):
         lo, hi = _window_limits(volume, window_name)
+        index = min(index, volume.shape[axis] - 1)
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.imshow(oriented_slice(volume, axis, min(index, volume.shape[axis] - 1)), cmap="gray", vmin=lo, vmax=hi)
+        ax.imshow(oriented_slice(volume, axis, index), cmap="gray", vmin=lo, vmax=hi)
+        if overlay is not None and alpha > 0:
+            o = oriented_slice(overlay, axis, index)
+            ax.imshow(np.ma.masked_equal(o, 0), cmap="autumn", alpha=alpha, vmin=0, vmax=max(float(overlay.max()), 1e-6))
         ax.set_title(f"{title} {['sagittal', 'coronal', 'axial'][axis]} {index}", fontsize=9)
         ax.axis("off")
         plt.show()
 
-    out = widgets.interactive_output(draw, {"axis": axis_w, "index": slice_w, "window_name": window_w})
-    return widgets.VBox([widgets.HBox([axis_w, slice_w, window_w]), out])
+    out = widgets.interactive_output(draw, {"axis": axis_w, "index": slice_w, "window_name": window_w, "alpha": opacity_w})
+    return widgets.VBox([widgets.HBox([axis_w, slice_w, window_w, opacity_w]), out])
 
 
 # --------------------------------------------------------------------------- runs and comparisons

@@ -55,3 +55,15 @@ def test_viewers_render_and_validate():
         viz.compare_viewer({"a": v, "b": v[:3]})
     with pytest.raises(ValueError, match="valid windows"):
         viz.slice_viewer(v, window="CT liver")
+
+
+def test_slice_viewer_overlay_checks_shape_and_has_an_opacity_control():
+    import ipywidgets
+
+    v = np.zeros((6, 7, 8))
+    box = viz.slice_viewer(v, overlay=(v > -1).astype(float), opacity=0.3)
+    opacity = box.children[0].children[3]
+    assert isinstance(opacity, ipywidgets.FloatSlider) and opacity.value == 0.3 and opacity.layout.display is None
+    assert viz.slice_viewer(v).children[0].children[3].layout.display == "none"
+    with pytest.raises(ValueError, match="overlay shape"):
+        viz.slice_viewer(v, overlay=np.zeros((6, 7, 9)))
