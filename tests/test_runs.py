@@ -9,14 +9,6 @@ import torch
 from lib import config, runs
 
 
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    root = tmp_path / "results"
-    monkeypatch.setenv("MEDIMG_RESULTS_DIR", str(root))
-    monkeypatch.delenv(runs.RUN_ID_ENV, raising=False)
-    return root
-
-
 def test_run_folder_record_and_index(results):
     run = runs.start_run("01_explore_data", "smoke", seed=3)
     rec = json.loads((run.dir / "run.json").read_text())

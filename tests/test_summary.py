@@ -6,14 +6,6 @@ import pytest
 from lib import runs, summary
 
 
-@pytest.fixture
-def results(tmp_path, monkeypatch):
-    root = tmp_path / "results"
-    monkeypatch.setenv("MEDIMG_RESULTS_DIR", str(root))
-    monkeypatch.delenv(runs.RUN_ID_ENV, raising=False)
-    return root
-
-
 def _run(notebook, preset, status="completed", rows=None):
     run = runs.Run(notebook, {"preset": preset, "seed": 0, "device": "cpu"}, run_id=f"{notebook}-{preset}-{status}-{len(rows or [])}")
     if rows is not None:
