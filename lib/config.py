@@ -291,7 +291,7 @@ NOTEBOOKS: dict[str, NotebookSpec] = {
         smoke={"cohort": "smoke", "image_size": 32, "volume_size": 16, "base_channels": 4, "attention_channels": 32,
                "epochs": 1, "lr": 1e-3},
         demo={"image_size": 64, "volume_size": 32, "base_channels": 8, "attention_channels": 64, "epochs": 12,
-              "lr": 1e-3, "warmup_epochs": 1.0, "time_budget_s": 200.0},
+              "lr": 1e-3, "warmup_epochs": 1.0},
         subset={"image_size": 256, "base_channels": 16, "attention_channels": 256, "epochs": 30, "lr": 2e-4,
                 "ckpt_every": 5, "num_workers": 2},
         prod={"epochs": 60, "ckpt_every": 5, "num_workers": 4},

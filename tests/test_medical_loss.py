@@ -1,6 +1,8 @@
 """MedicalGradeLoss: each term against an independent computation (scipy, numpy, MONAI, scikit-image),
 the weighting and logging of the six terms, the perceptual term on and off, bad input."""
 
+import lib  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
+
 import logging
 
 import numpy as np

@@ -1,6 +1,8 @@
 """HybridCNNViTUNet3D: shapes for 1, 2 and 4 views, the residual start, the view geometry against
 lib.data.drr, cross-view attention against a reference computation, gradients, bad input."""
 
+import lib  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
+
 import math
 
 import numpy as np
@@ -105,14 +107,17 @@ def test_bf16_training_steps_have_finite_gradients(size):
 def test_parameter_count_of_the_research_configuration():
     # the note says "about 85M" at base 32 (the count does not depend on the volume or image size)
     with torch.device("meta"):
-        n = count_parameters(HybridCNNViTUNet3D(image_size=512, volume_size=64, base_channels=32, attention_channels=512))
-    assert 60e6 < n < 100e6
+        model = HybridCNNViTUNet3D(image_size=512, volume_size=64, base_channels=32, attention_channels=512)
+        small = HybridCNNViTUNet3D(image_size=64, volume_size=32, base_channels=32, attention_channels=512)
+    n = count_parameters(model)
+    assert 60e6 < n < 100e6 and count_parameters(small) == n
 
 
 # --------------------------------------------------------------------------- geometry
 
 def test_view_geometry_matches_the_cohort_drrs(smoke_cohort):
-    """A dense blob rendered by lib.data.drr lands where view_grid says its voxel is seen."""
+    """A dense blob rendered by lib.data.drr lands where the model's geometry (view_grid's formula, with
+    DRRVolumes.volume_extent) says its voxel is seen, for four angles."""
     from lib.data import drr
     from lib.data.datasets import DRRVolumes
     from lib.data.io import load_volume
@@ -130,12 +135,24 @@ def test_view_geometry_matches_the_cohort_drrs(smoke_cohort):
             rows, cols = np.indices(w.shape)
             u = (2 * (w * cols).sum() / w.sum() + 1) / size - 1
             v = (2 * (w * rows).sum() / w.sum() + 1) / size - 1
-            grid = view_grid([angle], max(shape), extent)[0]  # a cube grid: evaluate the formula directly
             xn, yn, zn = ((2 * q + 1) / n - 1 for q, n in zip((i, j, k), shape))
             r = math.radians(angle)
             expected = (-(extent[0] * xn * math.cos(r) + extent[1] * yn * math.sin(r)), -extent[2] * zn)
             assert abs(u - expected[0]) < 1.5 / size and abs(v - expected[1]) < 1.5 / size, (angle, (u, v), expected)
-            assert grid.shape == (max(shape), max(shape) ** 2, 2)
+
+
+def test_volume_affine_spans_the_ct_field_of_view(smoke_cohort):
+    from lib.data.datasets import DRRVolumes
+    from lib.data.io import load_volume
+
+    data = DRRVolumes(smoke_cohort, "test", volume_size=16)
+    subject = data.subjects[0]
+    ct = load_volume(data.ct_path(subject), channels=(1,))
+    a = data.volume_affine(subject)
+    n = np.asarray(ct.spatial_shape, float)
+    for corner_new, corner_old in (([-0.5] * 3, [-0.5] * 3), ([15.5] * 3, n - 0.5)):  # outer voxel faces
+        assert np.allclose(a @ [*corner_new, 1], ct.affine @ [*corner_old, 1])
+    assert np.allclose(np.abs(np.diag(a)[:3]), np.asarray(ct.spacing) * n / 16)
 
 
 def test_view_grid_formula_at_a_voxel():

@@ -123,13 +123,16 @@ class MedicalGradeLoss(nn.Module):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
                 raise ValueError(f"MedicalGradeLoss: weight of {name!r} must be a number >= 0, got {w!r}")
         self.weights = {name: float(weights.get(name, DEFAULT_WEIGHTS[name])) for name in TERMS}
-        if feature_windows is not None and (not feature_windows or any(len(w) != 2 or w[1] <= 0 for w in feature_windows)):
+        if feature_windows is not None and (not feature_windows
+                                            or any(len(w) != 2 or w[1] <= 0 for w in feature_windows)):
             raise ValueError(f"feature_windows must be (centre, width > 0) pairs in HU, got {feature_windows!r}")
         if not hu_range[1] > hu_range[0]:
             raise ValueError(f"hu_range must be (low, high) with high > low, got {hu_range!r}")
-        high_frequency_l1(torch.zeros(1, 1, 2, 2, 2), torch.zeros(1, 1, 2, 2, 2), high_freq_cutoff)  # checks the cut-off
+        zeros = torch.zeros(1, 1, 2, 2, 2)
+        high_frequency_l1(zeros, zeros, high_freq_cutoff)  # checks the cut-off
         self.feature_windows = None if feature_windows is None else [tuple(map(float, w)) for w in feature_windows]
-        self.hu_range, self.high_freq_cutoff, self.ssim_window = tuple(map(float, hu_range)), float(high_freq_cutoff), ssim_window
+        self.hu_range, self.high_freq_cutoff = tuple(map(float, hu_range)), float(high_freq_cutoff)
+        self.ssim_window = ssim_window
         self.feature_net = feature_net
         if feature_net is not None:
             feature_net.eval()
@@ -137,8 +140,8 @@ class MedicalGradeLoss(nn.Module):
                 p.requires_grad_(False)
         self.notice = None
         if self.weights["perceptual"] > 0 and feature_net is None:
-            self.notice = (f"MedicalGradeLoss: perceptual term off (weight {self.weights['perceptual']:g} unused): no 3D "
-                           f"feature network given (pass a 03_pretrain encoder checkpoint)")
+            self.notice = (f"MedicalGradeLoss: perceptual term off (weight {self.weights['perceptual']:g} unused): "
+                           f"no 3D feature network given (pass a 03_pretrain encoder checkpoint)")
             log.warning(self.notice)
         self.active = tuple(n for n in TERMS if self.weights[n] > 0 and (n != "perceptual" or feature_net is not None))
         if not self.active:

@@ -102,7 +102,8 @@ class MultiScaleFeaturePyramid(nn.Module):
     def __init__(self, channels: Sequence[int], in_channels: int = 1):
         super().__init__()
         if len(channels) != 4:
-            raise ValueError(f"MultiScaleFeaturePyramid needs 4 channel counts (scales 1, 1/2, 1/4, 1/8), got {channels}")
+            raise ValueError(f"MultiScaleFeaturePyramid needs 4 channel counts (scales 1, 1/2, 1/4, 1/8), "
+                             f"got {channels}")
         stages, cin = [], in_channels
         for i, c in enumerate(channels):
             stages.append(nn.Sequential(conv_block(2, cin, c, stride=1 if i == 0 else 2), conv_block(2, c, c)))
@@ -130,7 +131,7 @@ class CrossViewAttention(nn.Module):
         if channels % heads:
             raise ValueError(f"CrossViewAttention: channels ({channels}) must be divisible by heads ({heads})")
         self.heads = heads
-        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(channels), nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.norm_q, self.norm_kv, self.norm_mlp = (nn.LayerNorm(channels) for _ in range(3))
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(channels, 2 * channels)
         self.proj = nn.Linear(channels, channels)
