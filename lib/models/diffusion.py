@@ -74,8 +74,10 @@ class _Block(nn.Module):
         super().__init__()
         self.res = DiffusionUNetResnetBlock(spatial_dims=2, in_channels=cin, out_channels=cout, temb_channels=temb,
                                             norm_num_groups=groups)
-        self.attn = SpatialAttentionBlock(spatial_dims=2, num_channels=cout, num_head_channels=heads,
-                                          norm_num_groups=groups, use_flash_attention=True) if spatial_attention else None
+        self.attn = None
+        if spatial_attention:
+            self.attn = SpatialAttentionBlock(spatial_dims=2, num_channels=cout, num_head_channels=heads,
+                                              norm_num_groups=groups, use_flash_attention=True)
         self.temporal = TemporalAttention(cout, heads, groups) if temporal else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
@@ -177,7 +179,8 @@ class SeriesDenoiser(nn.Module):
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
             raise ValueError(f"SeriesDenoiser: latent size {tuple(x.shape[-2:])} must be divisible by {self.factor}")
         if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"SeriesDenoiser: timesteps must have shape [B] = ({x.shape[0]},), got {tuple(timesteps.shape)}")
+            raise ValueError(f"SeriesDenoiser: timesteps must have shape [B] = ({x.shape[0]},), got "
+                             f"{tuple(timesteps.shape)}")
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, timesteps, cond)

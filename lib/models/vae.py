@@ -111,7 +111,8 @@ class FrameVAE(nn.Module):
             raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
         attention_levels = tuple(attention_levels) if attention_levels is not None else (False,) * len(channels)
         if len(attention_levels) != len(channels):
-            raise ValueError(f"attention_levels {attention_levels} must have one entry per level of channels {channels}")
+            raise ValueError(f"attention_levels {attention_levels} must have one entry per level of channels "
+                             f"{channels}")
         if scale_factor is not None and not (math.isfinite(scale_factor) and scale_factor > 0):
             raise ValueError(f"scale_factor must be None (compute it from training latents) or a number > 0, "
                              f"got {scale_factor!r}")
@@ -242,7 +243,8 @@ def ms_ssim_weights(size: int, kernel_sizes: Sequence[int] = (11, 9, 7)) -> tupl
 
 
 def ms_ssim_loss(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """``1 − MS-SSIM`` of frame series ``[B, 1, T, H, W]`` (each frame 2D; MONAI's ``compute_ms_ssim``), in float32."""
+    """``1 − MS-SSIM`` of frame series ``[B, 1, T, H, W]`` (each frame in 2D, MONAI's ``compute_ms_ssim``),
+    in float32."""
     p, t = to_frames(pred).float(), to_frames(target).float()
     weights, k = ms_ssim_weights(min(p.shape[-2:]))
     with torch.autocast(device_type=p.device.type, enabled=False):
@@ -282,7 +284,8 @@ def vae_loss(model: FrameVAE, x: torch.Tensor, kl_weight: float = 1e-6, ms_ssim_
             raise ValueError("vae_loss: adv_weight > 0 needs a FrameVAE built with discriminator_channels")
         fake, real = to_frames(recon), to_frames(x.float())
         frozen = {k: v.detach() for k, v in disc.named_parameters()}
-        adv_g = _ADVERSARIAL(_logits(functional_call(disc, frozen, (fake,))), target_is_real=True, for_discriminator=False)
+        adv_g = _ADVERSARIAL(_logits(functional_call(disc, frozen, (fake,))), target_is_real=True,
+                             for_discriminator=False)
         adv_d = 0.5 * (_ADVERSARIAL(_logits(disc(fake.detach())), target_is_real=False, for_discriminator=True)
                        + _ADVERSARIAL(_logits(disc(real)), target_is_real=True, for_discriminator=True))
         loss = loss + adv_weight * adv_g + adv_d
