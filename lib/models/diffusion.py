@@ -28,15 +28,9 @@ from monai.networks.nets.diffusion_model_unet import (DiffusionUNetResnetBlock, 
                                                       WrappedUpsample, get_timestep_embedding)
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-
-def _frames(x: torch.Tensor) -> torch.Tensor:
-    b, c, t, h, w = x.shape
-    return x.transpose(1, 2).reshape(b * t, c, h, w)
+from lib.models.vae import from_frames, to_frames
 
 
-def _series(x: torch.Tensor, batch: int) -> torch.Tensor:
-    bt, c, h, w = x.shape
-    return x.reshape(batch, bt // batch, c, h, w).transpose(1, 2)
 
 
 class TemporalAttention(nn.Module):
@@ -187,7 +181,7 @@ class SeriesDenoiser(nn.Module):
         b, t = x.shape[0], x.shape[2]
         emb = get_timestep_embedding(timesteps, self.model_channels).to(x.dtype)
         emb = self.time_embed(emb).repeat_interleave(t, dim=0)  # one embedding per frame
-        h = self.conv_in(_frames(x if cond is None else torch.cat([x, cond], dim=1)))
+        h = self.conv_in(to_frames(x if cond is None else torch.cat([x, cond], dim=1)))
         skips = [h]
         for blocks, down in zip(self.down, self.downsample):
             for block in blocks:
@@ -202,7 +196,7 @@ class SeriesDenoiser(nn.Module):
             for block in blocks:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, b)
             h = up(h)
-        return _series(self.out(h), b)
+        return from_frames(self.out(h), b)
 
 
 # --------------------------------------------------------------------------- schedules, loss, sampling
