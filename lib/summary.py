@@ -1,9 +1,11 @@
 """The project's results table: one row per (family, task, metric), each beside its baseline.
 
 Every training notebook scores its model on the test split and saves the scores in its run folder
-(03: ``heldout_reconstruction.csv``, 04: ``scores_per_series.csv``, 05: ``test_scores.csv``,
-06: ``summary.json``); :data:`READERS` turn those files into rows with the keys of :data:`ROW_KEYS`
-(a run may also write the rows directly as ``heldout_metrics.json``). 07_evaluate collects the latest
+(03: ``heldout_reconstruction.csv``, 04: ``scores_per_series.csv``, 05: ``test_scores.csv`` and
+``test_pairs.csv``); :data:`READERS` turn those files into rows with the keys of :data:`ROW_KEYS`. A run
+may also write its rows directly as ``heldout_metrics.json`` (06 does). Each family has exactly one
+headline row; a baseline whose name says ``ceiling`` is an upper bound, and the verdict says how far
+short of it the model stays. 07_evaluate collects the latest
 completed run of each family for a preset (or the run ids it is given), adds what it evaluates itself
 (the SSL downstream comparison), and writes ``results/summary.csv`` and ``results/summary.md``. A
 family without a usable run gets a row saying ``missing``, never silence.
@@ -54,13 +56,13 @@ def _row(task, metric, value, baseline, baseline_value, higher_is_better, n, hea
     return {"task": task, "metric": metric, "headline": headline, "higher_is_better": higher_is_better,
             "value": round(float(value), 4), "baseline": baseline,
             "baseline_value": "" if baseline_value == "" else round(float(baseline_value), 4),
-            "split": split, "n": "" if n == "" else int(n), "seeds": ""}
+            "split": split, "n": "" if n == "" or pd.isna(n) else int(n), "seeds": ""}
 
 
 def _ssl_rows(run_dir: Path) -> list[dict]:
     t = pd.read_csv(run_dir / "heldout_reconstruction.csv")
     return [_row("masked-patch reconstruction", f"per-patch-normalised MSE on masked patches, {r['modality']}",
-                 r["pretrained"], "predicting the mean patch", r["mean patch"], False, n="")
+                 r["pretrained"], "predicting the mean patch", r["mean patch"], False, n=r.get("volumes", ""))
             for _, r in t.iterrows()]
 
 
@@ -74,35 +76,45 @@ def _diffusion_rows(run_dir: Path) -> list[dict]:
 
     n = len(model)
     task = "non-contrast -> contrast chest CT series"
-    return [_row(task, "MAE (HU) over voxels the contrast changes by > 100 HU", pooled(model),
-                 "identity (input copied)", pooled(identity), False, n, headline=True),
+    mae = "MAE (HU) over voxels the contrast changes by > 100 HU"
+    return [_row(task, mae, pooled(model), "identity (input copied)", pooled(identity), False, n, headline=True),
+            _row(task, mae, pooled(model), "VAE round trip of the target (ceiling)", pooled(ceiling), False, n),
             _row(task, "PSNR (dB), diffusion window [-1, 1], data range 2", model["psnr_db"].mean(),
                  "identity (input copied)", identity["psnr_db"].mean(), True, n),
             _row(task, "SSIM (2D per frame, averaged)", model["ssim"].mean(), "identity (input copied)",
                  identity["ssim"].mean(), True, n),
-            _row(task, "PSNR (dB) of the VAE round trip (ceiling)", ceiling["psnr_db"].mean(), "translation",
-                 model["psnr_db"].mean(), True, n)]
+            _row(task, "PSNR (dB), diffusion window [-1, 1], data range 2", model["psnr_db"].mean(),
+                 "VAE round trip of the target (ceiling)", ceiling["psnr_db"].mean(), True, n)]
 
 
 def _cxr_rows(run_dir: Path) -> list[dict]:
     t = pd.read_csv(run_dir / "test_scores.csv").set_index("method")
     task, m, b = "signed change map of a radiograph pair", t.loc["model"], t.loc["subtraction"]
     base = "naive subtraction (threshold chosen on val)"
-    return [_row(task, "Dice on changed pixels", m["dice"], base, b["dice"], True, "", headline=True),
-            _row(task, "pixel AUC of |change|", m["pixel_auc"], base, b["pixel_auc"], True, ""),
+    n_all = n_changed = n_nuisance = ""
+    if (run_dir / "test_pairs.csv").is_file():
+        pairs = pd.read_csv(run_dir / "test_pairs.csv")
+        n_all, n_nuisance = len(pairs), int(pairs["nuisance_only"].astype(bool).sum())
+        n_changed = n_all - n_nuisance
+    return [_row(task, "Dice on changed pixels (mean over pairs with change)", m["dice"], base, b["dice"], True,
+                 n_changed, headline=True),
+            _row(task, "pixel AUC of |change| (all pixels of all pairs)", m["pixel_auc"], base, b["pixel_auc"],
+                 True, n_all),
             _row(task, "false-positive area on nuisance-only pairs (fraction of pixels)", m["fp_area"], base,
-                 b["fp_area"], False, "")]
-
-
-def _xray_rows(run_dir: Path) -> list[dict]:
-    data = json.loads((run_dir / "summary.json").read_text())
-    return data["rows"] if isinstance(data, dict) and "rows" in data else data
+                 b["fp_area"], False, n_nuisance)]
 
 
 READERS = {"ssl_pretraining": ("heldout_reconstruction.csv", _ssl_rows),
            "ct_diffusion": ("scores_per_series.csv", _diffusion_rows),
-           "cxr_change": ("test_scores.csv", _cxr_rows),
-           "xray_to_ct": ("summary.json", _xray_rows)}
+           "cxr_change": ("test_scores.csv", _cxr_rows)}
+
+
+def _run_seed(run_dir: Path) -> str:
+    try:
+        seed = json.loads((run_dir / "run.json").read_text()).get("seed")
+    except (OSError, ValueError):
+        return ""
+    return "" if seed is None else str(seed)
 
 
 def run_rows(family: str, run_dir: Path | None, preset: str) -> list[dict[str, Any]]:
@@ -113,18 +125,20 @@ def run_rows(family: str, run_dir: Path | None, preset: str) -> list[dict[str, A
         reason = f"no completed {notebook} run at preset {preset}"
     elif (run_dir / METRICS_FILE).is_file():
         rows = json.loads((run_dir / METRICS_FILE).read_text())
-    elif (run_dir / READERS[family][0]).is_file():
+    elif family in READERS and (run_dir / READERS[family][0]).is_file():
         try:
             rows = READERS[family][1](run_dir)
         except (KeyError, ValueError) as e:
             reason = f"run {run_dir.name}: {READERS[family][0]} unreadable ({type(e).__name__}: {e})"
     else:
-        reason = f"run {run_dir.name} wrote neither {METRICS_FILE} nor {READERS[family][0]}"
+        files = " nor ".join([METRICS_FILE] + ([READERS[family][0]] if family in READERS else []))
+        reason = f"run {run_dir.name} wrote {'neither ' if family in READERS else 'no '}{files}"
     if reason:
         return [{**dict.fromkeys(ROW_KEYS, ""), "family": family, "task": "missing", "metric": reason,
                  "headline": False, "preset": preset}]
-    return [{**dict.fromkeys(ROW_KEYS, ""), **r, "family": family, "preset": preset, "run_id": run_dir.name}
-            for r in rows]
+    seed = _run_seed(run_dir)
+    return [{**dict.fromkeys(ROW_KEYS, ""), **r, "family": family, "preset": preset, "run_id": run_dir.name,
+             "seeds": r.get("seeds") if r.get("seeds") not in (None, "") else seed} for r in rows]
 
 
 def verdict(row: dict[str, Any]) -> str:
@@ -133,9 +147,13 @@ def verdict(row: dict[str, Any]) -> str:
         v, b = float(row["value"]), float(row["baseline_value"])
     except (TypeError, ValueError):
         return ""
-    if not (math.isfinite(v) and math.isfinite(b)) or v == b:
-        return "tie"
+    if not (math.isfinite(v) and math.isfinite(b)):
+        return ""
     better = v > b if row["higher_is_better"] in (True, "True", "true", 1) else v < b
+    if "ceiling" in str(row.get("baseline", "")).lower():
+        return "at the ceiling" if v == b or better else f"short of the ceiling by {abs(v - b):.3g}"
+    if v == b:
+        return "tie"
     return "better than baseline" if better else "WORSE than baseline"
 
 
@@ -143,6 +161,11 @@ def write_summary(rows: list[dict[str, Any]], results_root: str | os.PathLike | 
     """Write ``summary.csv`` and ``summary.md`` under the results root; returns the table."""
     root = Path(results_root or paths.results_dir())
     table = pd.DataFrame(rows, columns=ROW_KEYS)
+    for family, sub in table[table["task"] != "missing"].groupby("family"):
+        heads = sub.loc[sub["headline"].isin([True, "True", "true"]), "metric"].tolist()
+        if len(heads) != 1:
+            raise ValueError(f"{family} (runs {', '.join(sorted(set(map(str, sub['run_id']))))}) has {len(heads)} "
+                             f"headline rows {heads}; exactly one metric per family answers its question")
     write_csv(root / "summary.csv", table)
     lines = ["# Results summary", "",
              "One row per (family, task, metric) on the held-out split, beside its baseline. "

@@ -151,8 +151,10 @@ def slice_viewer(volume: np.ndarray, window: str = "auto", title: str = "", over
 def loss_curves(run_dirs: dict, ncols: int = 3, size: float = 3.2):
     """Training (and validation) loss of several runs on one page: ``{label: run folder}``.
 
-    Every ``steps.csv`` under a run folder is one panel (a two-stage run such as 04_ct_diffusion has
-    one per stage); ``epochs.csv`` beside it adds the validation loss.
+    Every folder holding a ``steps.csv`` or an ``epochs.csv`` (what lib.train writes) under a run folder
+    is one panel (a two-stage run such as 04_ct_diffusion has one per stage): the training loss from
+    ``steps.csv`` (from ``epochs.csv`` when a short run logged no step), the validation loss from
+    ``epochs.csv``.
     """
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -160,24 +162,24 @@ def loss_curves(run_dirs: dict, ncols: int = 3, size: float = 3.2):
 
     panels = []
     for label, folder in run_dirs.items():
-        for steps in sorted(Path(folder).rglob("steps.csv")):
-            stage = steps.parent.relative_to(folder).as_posix()
-            panels.append((label if stage == "." else f"{label} / {stage}", steps))
+        logs = sorted({f.parent for name in ("steps.csv", "epochs.csv") for f in Path(folder).rglob(name)})
+        for stage_dir in logs:
+            stage = stage_dir.relative_to(folder).as_posix()
+            panels.append((label if stage == "." else f"{label} / {stage}", stage_dir / "steps.csv"))
     if not panels:
-        raise ValueError("loss_curves: no steps.csv under the given run folders")
+        raise ValueError("loss_curves: no steps.csv or epochs.csv under the given run folders")
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 0.75 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (title, steps) in zip(axes.flat, panels):
-        s = pd.read_csv(steps)
-        ax.plot(s["step"], s["loss"], lw=1, label="train")
         epochs = steps.with_name("epochs.csv")
-        if epochs.exists():
-            e = pd.read_csv(epochs)
-            if "val_loss" in e and e["val_loss"].notna().any() and "step" in e:
-                ax.plot(e["step"], e["val_loss"], "o-", ms=3, label="val")
+        e = pd.read_csv(epochs) if epochs.exists() else None
+        s = pd.read_csv(steps) if steps.exists() else e
+        ax.plot(s["step"], s["loss"], "-" if steps.exists() else "o-", lw=1, ms=3, label="train")
+        if e is not None and "val_loss" in e and e["val_loss"].notna().any() and "step" in e:
+            ax.plot(e["step"], e["val_loss"], "o-", ms=3, label="val")
         ax.set_title(title, fontsize=8)
         ax.set_yscale("log" if (s["loss"] > 0).all() else "linear")
         ax.tick_params(labelsize=7)
@@ -223,17 +225,83 @@ def save_gif(frames, path, fps: int = 4, vmin: float | None = None, vmax: float 
     return path
 
 
+def _compare_arrays(volumes: dict, caller: str) -> dict:
+    arrays = {k: np.asarray(v, np.float32) for k, v in volumes.items()}
+    shapes = {a.shape for a in arrays.values()}
+    if not arrays or len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"{caller} needs 3D volumes of one shape, got {[a.shape for a in arrays.values()]}")
+    return arrays
+
+
+def _compare_row(axes, arrays: dict, axis: int, index: int, limits: tuple[float, float]) -> None:
+    """One slice of every volume side by side: grey within ``limits``; names with error/diff in magma."""
+    for ax, (name, volume) in zip(axes, arrays.items()):
+        is_error = "error" in name.lower() or "diff" in name.lower()
+        img = oriented_slice(volume, axis, min(index, volume.shape[axis] - 1))
+        ax.imshow(img, cmap="magma" if is_error else "gray", vmin=None if is_error else limits[0],
+                  vmax=None if is_error else limits[1])
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+
+
+def compare_figure(volumes: dict, window: str = "auto", title: str = ""):
+    """Static counterpart of :func:`compare_viewer` for batch runs and PNGs: the middle axial, coronal and
+    sagittal slice (rows) of every volume (columns), in the window of the first volume."""
+    import matplotlib.pyplot as plt
+
+    arrays = _compare_arrays(volumes, "compare_figure")
+    reference = next(iter(arrays.values()))
+    limits = _window_limits(reference, window)
+    fig, axes = plt.subplots(3, len(arrays), figsize=(2.6 * len(arrays), 7.8), squeeze=False)
+    for row, axis in enumerate((2, 1, 0)):
+        _compare_row(axes[row], arrays, axis, reference.shape[axis] // 2, limits)
+        axes[row][0].text(-0.08, 0.5, ["sagittal", "coronal", "axial"][axis], transform=axes[row][0].transAxes,
+                          rotation=90, va="center", ha="right", fontsize=9)
+    fig.suptitle(f"{title} (middle slices, window {window})".strip(), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def results_table_figure(table, columns=("family", "metric", "value", "baseline", "baseline_value", "verdict")):
+    """The results table (``results/summary.csv`` with a ``verdict`` column) drawn as a figure: headline
+    rows in bold, a verdict cell green when the model beats its baseline and red when it is WORSE."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    cells = [[textwrap.shorten(_cell(r[c]), 60) for c in columns] for _, r in table.iterrows()]
+    fig, ax = plt.subplots(figsize=(16, 0.42 * (len(cells) + 2)))
+    ax.axis("off")
+    t = ax.table(cellText=cells, colLabels=list(columns), loc="upper center", cellLoc="left")
+    t.auto_set_font_size(False)
+    t.set_fontsize(8)
+    t.auto_set_column_width(list(range(len(columns))))
+    for i, (_, r) in enumerate(table.iterrows(), start=1):
+        if str(r.get("headline")) in ("True", "true"):
+            for j in range(len(columns)):
+                t[i, j].set_text_props(fontweight="bold")
+        verdict = str(r.get("verdict", ""))
+        if "verdict" in columns:
+            j = list(columns).index("verdict")
+            t[i, j].set_facecolor("#f4c7c3" if "WORSE" in verdict else "#c8e6c9" if "better" in verdict else "white")
+    fig.tight_layout()
+    return fig
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def compare_viewer(volumes: dict, window: str = "auto", title: str = ""):
     """Side-by-side viewer of same-shaped RAS volumes (e.g. input / target / prediction / error) with one
     shared axis, slice and window control. Returns the ipywidgets box; a batch run shows its first image."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    arrays = {k: np.asarray(v, np.float32) for k, v in volumes.items()}
-    shapes = {a.shape for a in arrays.values()}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise ValueError(f"compare_viewer needs 3D volumes of one shape, got {[a.shape for a in arrays.values()]}")
-    shape = next(iter(shapes))
+    arrays = _compare_arrays(volumes, "compare_viewer")
+    shape = next(iter(arrays.values())).shape
     axis_w = widgets.Dropdown(options=[("axial", 2), ("coronal", 1), ("sagittal", 0)], value=2, description="axis")
     slice_w = widgets.IntSlider(value=shape[2] // 2, min=0, max=shape[2] - 1, description="slice")
     window_w = widgets.Dropdown(options=list(VIEW_WINDOWS), value=window, description="window")
@@ -246,14 +314,8 @@ def compare_viewer(volumes: dict, window: str = "auto", title: str = ""):
     reference = next(iter(arrays.values()))
 
     def draw(axis, index, window_name):
-        lo, hi = _window_limits(reference, window_name)
         fig, axes = plt.subplots(1, len(arrays), figsize=(3 * len(arrays), 3), squeeze=False)
-        for ax, (name, volume) in zip(axes[0], arrays.items()):
-            is_error = "error" in name.lower() or "diff" in name.lower()
-            img = oriented_slice(volume, axis, min(index, shape[axis] - 1))
-            ax.imshow(img, cmap="magma" if is_error else "gray", vmin=None if is_error else lo, vmax=None if is_error else hi)
-            ax.set_title(name, fontsize=9)
-            ax.axis("off")
+        _compare_row(axes[0], arrays, axis, index, _window_limits(reference, window_name))
         fig.suptitle(f"{title} {['sagittal', 'coronal', 'axial'][axis]} {index}", fontsize=9)
         plt.show()
 

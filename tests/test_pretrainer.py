@@ -204,7 +204,7 @@ def test_heldout_reconstruction_against_the_mean_patch():
             model_err += float(((out.pred - out.target) ** 2).mean(-1)[m].sum())
             base_err += float(((mean - out.target) ** 2).mean(-1)[m].sum())
             n += int(m.sum())
-    assert res["masked_patches"] == n
+    assert res["masked_patches"] == n and res["volumes"] == test.shape[0]
     assert res["model"] == pytest.approx(model_err / n) and res["mean_patch"] == pytest.approx(base_err / n)
 
 

@@ -358,15 +358,17 @@ def heldout_reconstruction(model: WaveFormerSparKMiMPretrainer, volumes: Iterabl
     """Reconstruction loss of ``model`` and of predicting ``baseline`` (the mean patch) on held-out volumes.
 
     Both are the per-patch-normalised MSE over the same masked tokens: ``repeats`` mask draws per
-    batch from a generator seeded with ``seed``. Returns means over all masked tokens (fp32, eval mode).
+    batch from a generator seeded with ``seed``. Returns means over all masked tokens (fp32, eval mode),
+    the number of masked tokens and of volumes.
     """
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = {"model": 0.0, "mean_patch": 0.0}
-    n = 0
+    n = count = 0
     for x in volumes:
         x = _volume(x).to(device).float()
+        count += x.shape[0]
         for _ in range(repeats):
             out = model(x, generator=generator)
             m = out.masks.masked.reshape(x.shape[0], -1)
@@ -376,7 +378,7 @@ def heldout_reconstruction(model: WaveFormerSparKMiMPretrainer, volumes: Iterabl
     model.train(was_training)
     if n == 0:
         raise ValueError("heldout_reconstruction: no volumes given")
-    return {"model": sums["model"] / n, "mean_patch": sums["mean_patch"] / n, "masked_patches": n}
+    return {"model": sums["model"] / n, "mean_patch": sums["mean_patch"] / n, "masked_patches": n, "volumes": count}
 
 
 @torch.no_grad()
