@@ -161,6 +161,8 @@ def write_summary(rows: list[dict[str, Any]], results_root: str | os.PathLike | 
     """Write ``summary.csv`` and ``summary.md`` under the results root; returns the table."""
     root = Path(results_root or paths.results_dir())
     table = pd.DataFrame(rows, columns=ROW_KEYS)
+    order = {family: i for i, family in enumerate(FAMILIES)}
+    table = table.sort_values("family", key=lambda f: f.map(order), kind="stable").reset_index(drop=True)
     for family, sub in table[table["task"] != "missing"].groupby("family"):
         heads = sub.loc[sub["headline"].isin([True, "True", "true"]), "metric"].tolist()
         if len(heads) != 1:

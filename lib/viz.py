@@ -269,8 +269,8 @@ def results_table_figure(table, columns=("family", "metric", "value", "baseline"
 
     import matplotlib.pyplot as plt
 
-    cells = [[textwrap.shorten(_cell(r[c]), 60) for c in columns] for _, r in table.iterrows()]
-    fig, ax = plt.subplots(figsize=(16, 0.42 * (len(cells) + 2)))
+    cells = [[textwrap.shorten(_cell(r[c]), 72) for c in columns] for _, r in table.iterrows()]
+    fig, ax = plt.subplots(figsize=(16, 0.24 * (len(cells) + 1)))
     ax.axis("off")
     t = ax.table(cellText=cells, colLabels=list(columns), loc="upper center", cellLoc="left")
     t.auto_set_font_size(False)
