@@ -100,24 +100,38 @@ def step_case(preset: str) -> dict:
     }
 
 
-def attention_cases(repeats: int) -> list[dict]:
+def attention_step(dim: int, heads: int, levels: int, grid: int, batch: int, amp: bool = False):
+    """Forward + backward of one :class:`WaveletAttention` layer (``levels=0``: full attention on every
+    token) on a random token grid [batch, dim, grid, grid, grid]: returns the step as a function."""
     import torch
 
-    from lib import config
     from lib.models.waveformer import WaveletAttention
+
+    torch.manual_seed(0)
+    attn = WaveletAttention(dim, heads, levels)
+    x = torch.randn(batch, dim, grid, grid, grid, requires_grad=True)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = attn(x)
+        y.float().square().mean().backward()
+
+    return step
+
+
+def attention_cases(repeats: int) -> list[dict]:
+    from lib import config
 
     rows = []
     for preset, batch in (("subset", 2), ("prod", 1)):
         cfg = config.resolve("03_pretrain", preset)
         grid = cfg.img_size // cfg.patch_size
         for levels in (cfg.wavelet_levels, 0):
-            torch.manual_seed(0)
-            attn = WaveletAttention(cfg.embed_dim, cfg.num_heads, levels)
-            x = torch.randn(batch, cfg.embed_dim, grid, grid, grid, requires_grad=True)
+            step = attention_step(cfg.embed_dim, cfg.num_heads, levels, grid, batch)
 
             def run() -> float:
                 t = time.perf_counter()
-                attn(x).square().mean().backward()
+                step()
                 return time.perf_counter() - t
 
             run()
@@ -130,6 +144,159 @@ def attention_cases(repeats: int) -> list[dict]:
     for a, b in zip(rows[0::2], rows[1::2]):
         a["speed-up_vs_full"] = round(b["fwd_bwd_wall_s"] / a["fwd_bwd_wall_s"], 1)
     return rows
+
+
+# --------------------------------------------------------------------------- sections 3 and 4 of lib.bench
+
+ATTENTION_SIZES = (32, 64, 96, 128)
+
+
+# The variants of section 3: name -> (Haar levels: None = the prod preset's, SDPA kernel: None = torch's choice).
+ATTENTION_VARIANTS = {"wavelet": (None, None), "full": (0, None), "full, math kernel": (0, "math")}
+
+
+def attention_case(dim: int, heads: int, levels: int, grid: int, batch: int, repeats: int,
+                   kernel: str | None = None) -> dict:
+    """Median wall and CPU ms of one attention step under bf16 autocast (run in a child: its peak memory).
+    ``kernel="math"``: SDPA's math kernel, which materialises the attention matrix (textbook attention);
+    None: torch's choice (flash attention for long sequences, O(tokens) memory)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lib import bench
+
+    step = attention_step(dim, heads, levels, grid, batch, amp=True)
+    with sdpa_kernel(SDPBackend.MATH) if kernel == "math" else contextlib.nullcontext():
+        t = bench.measure(step, repeats=repeats, warmup=1)
+    return {"ms": t["wall_s"] * 1e3, "cpu_ms": t["cpu_s"] * 1e3}
+
+
+def attention_scaling(quick: bool, ceilings: dict | None = None, out: Path | None = None) -> list[dict]:
+    """Section 3: wavelet attention (the prod preset's Haar levels) against full attention (``levels=0``; with
+    torch's kernel choice, and with the math kernel that materialises the attention matrix), one layer of the
+    prod width and heads, forward + backward under bf16 autocast, at inputs 32^3 ... 128^3 with the prod patch
+    size (tokens = (size / patch)^3), batch 1; each case in its own process (its peak memory).
+    Writes the curves into ``out`` (the file :data:`lib.bench.SECTIONS` names)."""
+    from lib import bench, config
+
+    cfg = config.resolve("03_pretrain", "prod")
+    dim, heads, sizes = (48, 4, (16, 32)) if quick else (cfg.embed_dim, cfg.num_heads, ATTENTION_SIZES)
+    rows = []
+    for size in sizes:
+        grid = size // cfg.patch_size
+        variants = {}
+        for name, (levels, kernel) in ATTENTION_VARIANTS.items():
+            levels = cfg.wavelet_levels if levels is None else levels
+            result, peak = bench.isolated(attention_case, dim, heads, levels, grid, 1, 1 if quick else 3, kernel)
+            variants[name] = {"name": name, "input": f"{size}^3", "tokens": grid ** 3,
+                              "attended_tokens": (-(-grid // 2 ** levels)) ** 3, "levels": levels, "width": dim,
+                              "heads": heads, **result, "peak_mb": peak}
+        wavelet = variants["wavelet"]
+        for name in ("full", "full, math kernel"):
+            key = "vs_full" if name == "full" else "vs_full_math"
+            wavelet[f"speedup_{key}"] = variants[name]["ms"] / wavelet["ms"]
+            wavelet[f"memory_{key}"] = wavelet["peak_mb"] / max(variants[name]["peak_mb"], 1e-3)
+        rows += list(variants.values())
+    if out is not None:
+        _plot_attention(rows, Path(out) / bench.SECTIONS["attention"][3])
+    return rows
+
+
+def _plot_attention(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib.runs import atomic_path
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, style in zip(ATTENTION_VARIANTS, ("o-", "s--", "^:")):
+        rs = [r for r in rows if r["name"] == name]
+        sizes = [int(r["input"].split("^")[0]) for r in rs]
+        axes[0].plot(sizes, [r["ms"] for r in rs], style, label=name)
+        axes[1].plot(sizes, [r["peak_mb"] for r in rs], style, label=name)
+    for ax, label in zip(axes, ("ms per forward + backward", "peak MB above start")):
+        ax.set(xlabel="input edge (voxels; tokens = (edge / patch)^3)", ylabel=label, yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"one attention layer, width {rows[0]['width']}, {rows[0]['heads']} heads, bf16 autocast", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def infonce(quick: bool, ceilings: dict | None = None, out: Path | None = None) -> list[dict]:
+    """Section 4: :class:`SpatialInfoNCE` (batched) against :func:`spatial_info_nce_reference` (the notes' loop)
+    at the subset and prod grids: the preset's batch, width, projection, temperature and num_samples, 40 %
+    of the locations visible (mask_ratio 0.6), forward only (a value each). The loop runs on the same drawn
+    locations; at prod it runs on the first ``LOOP_SAMPLES`` samples of the batch and its time is scaled to
+    the whole batch (the loop's cost is linear in the samples), and the values compared are those of that
+    sub-batch (the batched loss recomputed on it with the same draws)."""
+    import torch
+
+    from lib import bench, config
+    from lib.losses.contrastive import SpatialInfoNCE, sample_locations, spatial_info_nce_reference
+
+    rows = []
+    for preset in ("smoke",) if quick else ("subset", "prod"):
+        cfg = config.resolve("03_pretrain", preset)
+        grid, b = cfg.img_size // cfg.patch_size, cfg.batch_size
+        torch.manual_seed(0)
+        loss = SpatialInfoNCE([cfg.embed_dim] * 2, cfg.projection_dim, cfg.temperature, cfg.num_samples)
+        g = torch.Generator().manual_seed(0)
+        feats = [torch.randn(b, cfg.embed_dim, grid, grid, grid, generator=g) for _ in range(2)]
+        visible = torch.rand(b, grid, grid, grid, generator=g) >= cfg.mask_ratio
+        seed = 1
+
+        def batched(n=b):
+            with torch.no_grad():
+                return loss([f[:n] for f in feats], visible[:n], torch.Generator().manual_seed(seed))
+
+        t_batched = bench.measure(batched, repeats=3 if quick else 5)
+        n = b if preset != "prod" else min(b, LOOP_SAMPLES)
+        index, valid = sample_locations(visible[:n].reshape(n, -1), cfg.num_samples, torch.Generator().manual_seed(seed))
+        locations = [[tuple(int(v) for v in torch.unravel_index(i, (grid,) * 3)) for i, ok in zip(row, ok_row) if ok]
+                     for row, ok_row in zip(index, valid)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        value_loop = spatial_info_nce_reference(loss, [f[:n] for f in feats], visible[:n], locations)
+        t_loop, c_loop = (time.perf_counter() - t0) * b / n, (time.process_time() - c0) * b / n
+        rows.append({"name": "spatial InfoNCE", "preset": preset, "grid": f"{grid}^3", "batch": b,
+                     "anchors_per_sample": cfg.num_samples, "batched_ms": t_batched["wall_s"] * 1e3,
+                     "loop_ms": t_loop * 1e3, "loop_cpu_ms": c_loop * 1e3,
+                     "loop_timed_on": f"{n} of {b} samples" + (", scaled" if n < b else ""),
+                     "speedup": t_loop / t_batched["wall_s"],
+                     "max_abs_diff": abs(float(batched(n)) - float(value_loop))})
+    return rows
+
+
+LOOP_SAMPLES = 2
+
+
+def targets(rows: list[dict]) -> list[str]:
+    lines = []
+    attention = [r for r in rows if r["section"] == "attention"]
+    if attention:
+        r = max((w for w in attention if w["name"] == "wavelet"), key=lambda w: w["tokens"])
+        full, math = (next(f for f in attention if f["name"] == n and f["input"] == r["input"])
+                      for n in ("full", "full, math kernel"))
+        met = r["speedup_vs_full"] >= 4 and r["peak_mb"] < full["peak_mb"]
+        lines.append(f"{'MET' if met else 'NOT MET'}: wavelet attention at {r['input']} is "
+                     f"{r['speedup_vs_full']:.1f}x faster than full attention ({r['ms']:.0f} against {full['ms']:.0f} ms), peak memory {r['peak_mb']:.0f} "
+                     f"against {full['peak_mb']:.0f} MB with torch's (flash) kernel, which never holds the attention "
+                     f"matrix; against the math kernel, which does: {r['speedup_vs_full_math']:.1f}x faster, "
+                     f"{r['peak_mb']:.0f} against {math['peak_mb']:.0f} MB (target: >= 4x faster, lower peak memory)")
+    for r in rows:
+        if r["section"] == "infonce":
+            met = r["speedup"] >= 100 and r["max_abs_diff"] <= 1e-5
+            lines.append(f"{'MET' if met else 'NOT MET'}: batched InfoNCE at {r['preset']} ({r['grid']} grid) is "
+                         f"{r['speedup']:.0f}x faster than the loop, values differ by {r['max_abs_diff']:.1e} "
+                         f"(target: >= 100x, <= 1e-5)")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,20 +1,143 @@
+"""lib.bench: every section runs (``--quick``), writes its rows, figure and README; the measuring tools work."""
+
 import json
+
+import pytest
+import torch
 
 from lib import bench
 
+EXPECTED = {  # section -> keys every row of it has
+    "ceiling": {"name", "dtype", "ms", "cpu_ms", "gflops"},
+    "steps": {"name", "preset", "dtype", "input", "batch", "ms", "cpu_ms", "samples_per_s", "gflop_per_step", "gflops",
+              "fraction_of_ceiling", "peak_mb", "params_m"},
+    "attention": {"name", "input", "tokens", "attended_tokens", "ms", "cpu_ms", "peak_mb"},
+    "infonce": {"preset", "grid", "batched_ms", "loop_ms", "speedup", "max_abs_diff", "loop_timed_on"},
+    "data": {"modality", "level", "decode_vol_per_s", "cache_vol_per_s", "step_vol_per_s", "cache_vs_decode",
+             "cache_vs_step"},
+    "diffusion": {"name", "preset", "frames"},
+    "memory": {"name", "params_m", "state_gb", "act_gb_per_sample_autocast", "act_gb_per_sample_checkpointing",
+               "max_batch_autocast", "max_batch_checkpointing", "preset_batch"},
+}
 
-def test_quick_benchmark_writes_machine_and_ceiling(tmp_path):
-    assert bench.main(["--quick", "--only", "none", "--out", str(tmp_path)]) == 0
-    (record,) = tmp_path.glob("*.json")
-    data = json.loads(record.read_text())
-    assert data["machine"]["cores"] >= 1 and data["machine"]["torch"]
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    (record,) = out.glob("*.json")
+    return out, json.loads(record.read_text())
+
+
+@pytest.mark.slow
+def test_every_section_yields_rows_with_its_keys_and_the_machine(quick_run):
+    _, data = quick_run
+    assert data["sections"] == list(bench.SECTIONS) == list(EXPECTED)
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] and data["machine"]["cpu"] is not None
     assert set(data["ceiling_gflops"]) == {"float32", "bfloat16"} and min(data["ceiling_gflops"].values()) > 0
-    readme = (tmp_path / "README.md").read_text()
-    assert "Ceiling GFLOP/s" in readme and "conv3d fwd+bwd" in readme
+    for section, keys in EXPECTED.items():
+        rows = [r for r in data["rows"] if r["section"] == section]
+        assert rows, f"section {section} has no rows"
+        for r in rows:
+            assert keys <= set(r), (section, keys - set(r))
+            assert r["machine"].startswith(data["machine"]["cpu"])
+
+
+@pytest.mark.slow
+def test_steps_pair_every_family_with_its_monai_network(quick_run):
+    from lib.bench_families import CASES, PAIRS
+
+    _, data = quick_run
+    rows = [r for r in data["rows"] if r["section"] == "steps"]
+    assert {r["name"] for r in rows} == set(CASES) and {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    for r in rows:
+        assert r["gflop_per_step"] > 0 and r["ms"] > 0 and 0 < r["fraction_of_ceiling"] and r["peak_mb"] > 0
+        if r["name"] in PAIRS:
+            monai = next(m for m in rows if m["name"] == PAIRS[r["name"]] and m["dtype"] == r["dtype"])
+            assert r["monai_fraction"] == monai["fraction_of_ceiling"]
+
+
+@pytest.mark.slow
+def test_infonce_agrees_with_the_loop_and_attention_writes_its_figure(quick_run):
+    out, data = quick_run
+    (nce,) = [r for r in data["rows"] if r["section"] == "infonce"]
+    assert nce["max_abs_diff"] <= 1e-5 and nce["speedup"] > 1
+    png = out / bench.SECTIONS["attention"][3]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    attention = [r for r in data["rows"] if r["section"] == "attention"]
+    assert {r["name"] for r in attention} == {"wavelet", "full", "full, math kernel"}
+    assert all(r["attended_tokens"] < r["tokens"] for r in attention if r["name"] == "wavelet")
+
+
+@pytest.mark.slow
+def test_memory_estimate_and_readme(quick_run):
+    out, data = quick_run
+    for r in (r for r in data["rows"] if r["section"] == "memory"):
+        assert 0 < r["act_gb_per_sample_checkpointing"] <= r["act_gb_per_sample_autocast"]
+        assert r["max_batch_checkpointing"] >= r["max_batch_autocast"] >= 1
+    readme = (out / "README.md").read_text()
+    assert "## Targets" in readme and "Ceiling GFLOP/s" in readme
+    assert all(title in readme for _, _, title, _ in bench.SECTIONS.values())
+    assert "![attention](attention_scaling.png)" in readme
+    assert sum(line.startswith(("- MET", "- NOT MET")) for line in readme.splitlines()) >= 6
+
+
+def test_an_unknown_section_fails_with_the_valid_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", "--only", "ceiling", "speed", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "speed" in err and all(name in err for name in bench.SECTIONS)
+    assert not list(tmp_path.iterdir())
+
+
+def _allocate(mb: int) -> int:
+    block = torch.ones(mb * 2 ** 20 // 4)  # float32, touched
+    return int(block.numel())
+
+
+def test_isolated_runs_in_a_child_and_reports_its_own_peak():
+    result, peak = bench.isolated(_allocate, 200)
+    assert result == 200 * 2 ** 20 // 4
+    assert 190 < peak < 260, peak
+    _, small = bench.isolated(_allocate, 1)
+    assert small < 50, small
 
 
 def test_flop_counter_counts_a_matmul():
-    import torch
-
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     assert bench.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_flop_counter_counts_grouped_convolution_gradients_as_grouped():
+    for groups in (1, 4, 32):  # torch's own formula counts the weight gradient of grouped convolutions as dense
+        conv = torch.nn.Conv2d(32, 32, 3, padding=1, groups=groups, bias=False)
+        x = torch.rand(2, 32, 8, 8, requires_grad=True)
+        forward = bench.count_flops(lambda: conv(x))
+        assert forward == 2 * 2 * 32 * (32 // groups) * 9 * 8 * 8
+        assert bench.count_flops(lambda: conv(x).sum().backward()) == 3 * forward
+
+
+def test_family_builders_follow_the_preset():
+    """The builders the benchmark (and the notebooks) build the families with take their sizes from the preset."""
+    from lib import config
+    from lib.models import cxr_change, diffusion, vae, xray2ct
+
+    for preset in ("smoke", "demo"):
+        c = config.resolve("04_ct_diffusion", preset)
+        v = vae.build_vae(c)
+        assert v.channels == tuple(c.vae_channels) and v.latent_channels == c.latent_channels
+        assert (v.discriminator is not None) == (c.adv_weight > 0)
+        d = diffusion.build_denoiser(c)
+        assert d.model_channels == c.model_channels and d.factor == 2 ** (len(c.channel_mult) - 1)
+        assert sum(b.temporal is not None for level in d.down for b in level) == c.num_res_blocks * len(c.channel_mult)
+        c = config.resolve("05_cxr_change", preset)
+        for variant, cls in (("big", cxr_change.LongitudinalMIMModelBig), ("small", cxr_change.LongitudinalMIMModel)):
+            m = cxr_change.build_change_model(config.Config(c, variant=variant))
+            assert type(m) is cls and m.image_size == c.image_size and m.encoder.channels == tuple(c.channels)
+        c = config.resolve("06_xray_to_ct", preset)
+        m = xray2ct.build_model(c)
+        assert m.angles == xray2ct.default_angles(c.views)
+        assert (m.image_size, m.volume_size) == (c.image_size, c.volume_size)
+    with pytest.raises(ValueError, match="variant"):
+        cxr_change.build_change_model(config.Config(config.resolve("05_cxr_change", "smoke"), variant="medium"))

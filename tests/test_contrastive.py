@@ -4,41 +4,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from lib.losses.contrastive import SpatialInfoNCE, sample_locations
-
-
-@torch.no_grad()
-def _reference(loss: SpatialInfoNCE, features, visible, locations=None):
-    """The notes' semantics as plain Python loops: for every sample and every (visible, drawn) location,
-    the anchor is the shallow vector there, the positive the deep vector at the same (d, h, w), the
-    negatives the deep vectors at the sample's other locations; cross-entropy of the positive."""
-    grid = features[0].shape[2:]
-    projected = []
-    for f, conv in zip(features, loss.projectors):
-        if f.shape[2:] != grid:
-            f = F.interpolate(f, size=grid, mode="trilinear", align_corners=False)
-        w = conv.weight[:, :, 0, 0, 0].double()
-        p = torch.einsum("pc,bcdhw->bpdhw", w, f.double())
-        projected.append(p / p.norm(dim=1, keepdim=True).clamp(min=1e-12))
-    pair_losses = []
-    for shallow, deep in zip(projected[:-1], projected[1:]):
-        total, count = 0.0, 0
-        for b in range(shallow.shape[0]):
-            if locations is None:
-                locs = [(d, h, w) for d in range(grid[0]) for h in range(grid[1]) for w in range(grid[2])
-                        if visible[b, d, h, w]]
-            else:
-                locs = locations[b]
-            for i, (d, h, w) in enumerate(locs):
-                anchor = shallow[b, :, d, h, w]
-                keys = [deep[b, :, d, h, w]] + [deep[b, :, *loc] for j, loc in enumerate(locs) if j != i]
-                logits = torch.stack([anchor @ k for k in keys]) / loss.temperature
-                total += -torch.log_softmax(logits, dim=0)[0]
-                count += 1
-        pair_losses.append(total / count)
-    return torch.stack(pair_losses).mean()
+from lib.losses.contrastive import SpatialInfoNCE, sample_locations, spatial_info_nce_reference
 
 
 def _inputs(seed=0, batch=3, grid=(3, 4, 5), channels=(8, 8)):
@@ -54,7 +21,7 @@ def test_batched_equals_the_loop_over_all_visible_locations():
     loss = SpatialInfoNCE([8, 8], projection_dim=6, temperature=0.1, num_samples=10_000)
     feats, visible = _inputs()
     batched = loss(feats, visible).detach()
-    assert abs(float(batched) - float(_reference(loss, feats, visible))) < 1e-5
+    assert abs(float(batched) - float(spatial_info_nce_reference(loss, feats, visible))) < 1e-5
 
 
 def test_batched_equals_the_loop_with_sampling_and_three_levels_at_two_grids():
@@ -72,7 +39,7 @@ def test_batched_equals_the_loop_with_sampling_and_three_levels_at_two_grids():
                  for row, ok_row in zip(index, valid)]
     assert [len(x) for x in locations] == [7, 4]
     assert all(visible[b, d, h, w] for b, locs in enumerate(locations) for d, h, w in locs)
-    assert abs(float(batched) - float(_reference(loss, feats, visible, locations))) < 1e-5
+    assert abs(float(batched) - float(spatial_info_nce_reference(loss, feats, visible, locations))) < 1e-5
 
 
 @torch.no_grad()

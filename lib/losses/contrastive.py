@@ -10,7 +10,7 @@ among them at ``temperature`` (0.1), averaged over all anchors of the batch, the
 
 The notes' triple loop over (d, h, w) defines these semantics; here they are one batched matrix
 product per pair (``[B, n, n]`` logits, padded positions masked out). ``tests/test_contrastive.py``
-compares the two to 1e-5.
+compares the two to 1e-5; the loop itself is :func:`spatial_info_nce_reference`.
 """
 
 from __future__ import annotations
@@ -78,32 +78,78 @@ class SpatialInfoNCE(nn.Module):
         self.channels, self.temperature, self.num_samples = channels, float(temperature), num_samples
         self.projectors = nn.ModuleList(nn.Conv3d(c, projection_dim, kernel_size=1, bias=False) for c in channels)
 
-    def project(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Aligned (to level 0's grid), projected, L2-normalised maps [B, P, *grid_0]."""
+    def align(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The maps, checked and aligned (trilinear) to level 0's grid: [B, C_i, *grid_0]."""
         if len(features) != len(self.channels):
             raise ValueError(f"SpatialInfoNCE: expected {len(self.channels)} feature maps, got {len(features)}")
         grid = features[0].shape[2:]
         out = []
-        for i, (f, proj) in enumerate(zip(features, self.projectors)):
+        for i, f in enumerate(features):
             if f.ndim != 5 or f.shape[1] != self.channels[i] or f.shape[0] != features[0].shape[0]:
                 raise ValueError(f"SpatialInfoNCE: level {i} must be [B, {self.channels[i]}, d, h, w] with the "
                                  f"batch of level 0, got shape {tuple(f.shape)}")
-            if f.shape[2:] != grid:
-                f = F.interpolate(f, size=grid, mode="trilinear", align_corners=False)
-            out.append(F.normalize(proj(f).float(), dim=1))
+            out.append(f if f.shape[2:] == grid else F.interpolate(f, size=grid, mode="trilinear", align_corners=False))
         return out
+
+    def project(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Aligned (to level 0's grid), projected, L2-normalised maps [B, P, *grid_0]."""
+        return [F.normalize(proj(f).float(), dim=1) for f, proj in zip(self.align(features), self.projectors)]
 
     def forward(self, features: Sequence[torch.Tensor], visible: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        projected = self.project(features)
-        b, p = projected[0].shape[:2]
+        aligned = self.align(features)
+        b, grid = aligned[0].shape[0], tuple(aligned[0].shape[2:])
         if visible is None:
-            visible = torch.ones((b, *projected[0].shape[2:]), dtype=torch.bool, device=projected[0].device)
-        if tuple(visible.shape) != (b, *projected[0].shape[2:]):
-            raise ValueError(f"SpatialInfoNCE: visible must be [B, d, h, w] = {(b, *projected[0].shape[2:])}, "
+            visible = torch.ones((b, *grid), dtype=torch.bool, device=aligned[0].device)
+        if tuple(visible.shape) != (b, *grid):
+            raise ValueError(f"SpatialInfoNCE: visible must be [B, d, h, w] = {(b, *grid)}, "
                              f"got shape {tuple(visible.shape)}")
         index, valid = sample_locations(visible.reshape(b, -1), self.num_samples, generator)
-        gathered = [m.flatten(2).gather(2, index[:, None, :].expand(-1, p, -1)).transpose(1, 2) for m in projected]
+        # The projection and the normalisation act on each location alone: apply them to the drawn ones only
+        # (num_samples of d*h*w locations; 16x less work at the prod grid than projecting whole maps).
+        gathered = []
+        for f, proj in zip(aligned, self.projectors):
+            drawn = f.flatten(2).gather(2, index[:, None, :].expand(-1, f.shape[1], -1))  # [B, C, n]
+            vectors = F.normalize(proj(drawn[..., None, None]).float(), dim=1)            # [B, P, n, 1, 1]
+            gathered.append(vectors[..., 0, 0].transpose(1, 2))                           # [B, n, P]
         losses = [spatial_info_nce(gathered[i], gathered[i + 1], valid, self.temperature)
                   for i in range(len(gathered) - 1)]
         return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def spatial_info_nce_reference(loss: SpatialInfoNCE, features: Sequence[torch.Tensor], visible: torch.Tensor,
+                               locations: Sequence[Sequence[tuple[int, int, int]]] | None = None) -> torch.Tensor:
+    """The notes' semantics as plain Python loops: for every sample and every (visible, drawn) location,
+    the anchor is the shallow vector there, the positive the deep vector at the same (d, h, w), the
+    negatives the deep vectors at the sample's other locations; cross-entropy of the positive.
+
+    The independent reference of :class:`SpatialInfoNCE` (``tests/test_contrastive.py``, ``lib.bench``): one
+    dot product at a time, in float64. ``locations``: per sample, the (d, h, w) locations to use (e.g. those
+    :func:`sample_locations` drew); None: every visible one. Slow by design: O(samples x n^2) Python steps.
+    """
+    grid = features[0].shape[2:]
+    projected = []
+    for f, conv in zip(features, loss.projectors):
+        if f.shape[2:] != grid:
+            f = F.interpolate(f, size=grid, mode="trilinear", align_corners=False)
+        w = conv.weight[:, :, 0, 0, 0].double()
+        p = torch.einsum("pc,bcdhw->bpdhw", w, f.double())
+        projected.append(p / p.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    pair_losses = []
+    for shallow, deep in zip(projected[:-1], projected[1:]):
+        total, count = 0.0, 0
+        for b in range(shallow.shape[0]):
+            if locations is None:
+                locs = [(d, h, w) for d in range(grid[0]) for h in range(grid[1]) for w in range(grid[2])
+                        if visible[b, d, h, w]]
+            else:
+                locs = locations[b]
+            for i, (d, h, w) in enumerate(locs):
+                anchor = shallow[b, :, d, h, w]
+                keys = [deep[b, :, d, h, w]] + [deep[b, :, *loc] for j, loc in enumerate(locs) if j != i]
+                logits = torch.stack([anchor @ k for k in keys]) / loss.temperature
+                total += -torch.log_softmax(logits, dim=0)[0]
+                count += 1
+        pair_losses.append(total / count)
+    return torch.stack(pair_losses).mean()

@@ -49,6 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lib.models.attention import short_sequence_attention
+
 # The note's constants (Longitudinal_MIM's constants.py).
 IMG_SIZE = 512
 FEATURE_SIZE = 32
@@ -188,7 +190,8 @@ class TransformerBranch(nn.Module):
         self.unpatch = nn.ConvTranspose2d(hidden_size, channels, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.norm(self.blocks(self.embed(x)))                      # [B, N, hidden]
+        with short_sequence_attention(x, self.grid ** 2):
+            tokens = self.norm(self.blocks(self.embed(x)))                  # [B, N, hidden]
         grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
         return self.unpatch(grid)
 
@@ -347,6 +350,15 @@ class LongitudinalMIMModel(LongitudinalMIMModelBig):
     connections (every level upsamples the fused bottleneck alone). Same inputs and output."""
 
     skips = False
+
+
+def build_change_model(config) -> LongitudinalMIMModelBig:
+    """The change model of a 05_cxr_change configuration (a resolved preset): ``variant`` (big: with skips,
+    small: without), the :data:`ARCHITECTURE_ARGS` and ``decoder_channels``."""
+    model = {"big": LongitudinalMIMModelBig, "small": LongitudinalMIMModel}.get(config["variant"])
+    if model is None:
+        raise ValueError(f"variant must be 'big' or 'small', got {config['variant']!r}")
+    return model(**{k: config[k] for k in ARCHITECTURE_ARGS}, decoder_channels=config["decoder_channels"])
 
 
 # --------------------------------------------------------------------------- auxiliary models

@@ -28,6 +28,7 @@ from monai.networks.nets.diffusion_model_unet import (DiffusionUNetResnetBlock, 
                                                       WrappedUpsample, get_timestep_embedding)
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from lib.models.attention import short_sequence_attention
 from lib.models.vae import from_frames, to_frames
 
 
@@ -56,7 +57,8 @@ class TemporalAttention(nn.Module):
         t = bt // batch
         y = self.norm(x).reshape(batch, t, c, h * w).permute(0, 3, 1, 2).reshape(batch * h * w, t, c)
         position = get_timestep_embedding(torch.arange(t, device=x.device), c).to(y.dtype)
-        y = self.attn(y + position)
+        with short_sequence_attention(y, t):
+            y = self.attn(y + position)
         return x + y.reshape(batch, h * w, t, c).permute(0, 2, 3, 1).reshape(bt, c, h, w)
 
 
@@ -77,7 +79,8 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
         x = self.res(x, emb)
         if self.attn is not None:
-            x = self.attn(x)
+            with short_sequence_attention(x, x.shape[-2] * x.shape[-1]):
+                x = self.attn(x)
         if self.temporal is not None:
             x = self.temporal(x, batch)
         return x
@@ -197,6 +200,17 @@ class SeriesDenoiser(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, b)
             h = up(h)
         return from_frames(self.out(h), b)
+
+
+def build_denoiser(config) -> SeriesDenoiser:
+    """The :class:`SeriesDenoiser` of a 04_ct_diffusion configuration (a resolved preset): conditioned on the
+    baseline latents (``latent_channels`` each), ``model_channels``, ``channel_mult``, ``num_res_blocks``,
+    ``attention_levels``, temporal attention at every level if ``temporal_attention``, ``num_head_channels``,
+    ``norm_groups``."""
+    return SeriesDenoiser(config["latent_channels"], config["latent_channels"], config["model_channels"],
+                          config["channel_mult"], config["num_res_blocks"], config["attention_levels"],
+                          (config["temporal_attention"],) * len(config["channel_mult"]), config["num_head_channels"],
+                          config["norm_groups"])
 
 
 # --------------------------------------------------------------------------- schedules, loss, sampling

@@ -220,6 +220,15 @@ class FrameVAE(nn.Module):
         return super().load_state_dict(state, strict=strict, assign=assign)
 
 
+def build_vae(config) -> FrameVAE:
+    """The :class:`FrameVAE` of a 04_ct_diffusion configuration (a resolved preset): ``vae_channels``,
+    ``latent_channels``, ``vae_res_blocks``, ``norm_groups``, ``vae_mid_attention``, ``scale_factor``, and
+    a discriminator of ``disc_channels`` when ``adv_weight > 0``."""
+    return FrameVAE(config["vae_channels"], config["latent_channels"], config["vae_res_blocks"], config["norm_groups"],
+                    mid_attention=config["vae_mid_attention"], scale_factor=config["scale_factor"],
+                    discriminator_channels=config["disc_channels"] if config["adv_weight"] > 0 else None)
+
+
 # --------------------------------------------------------------------------- losses
 
 def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -384,6 +384,20 @@ class HybridCNNViTUNet3D(nn.Module):
         return outs[-1], outs[:-1]
 
 
+def build_model(config, volume_extent: Sequence[float] = (1.0, 1.0, 1.0),
+                prior: torch.Tensor | None = None) -> HybridCNNViTUNet3D:
+    """The model of a 06_xray_to_ct configuration (a resolved preset): ``views`` spread over 180 degrees
+    (:func:`default_angles`), ``image_size``, ``volume_size``, ``base_channels``, ``attention_channels``,
+    ``attention_heads`` (also the Swin heads), ``window_size``, ``dense_layers``; the geometry and prior
+    come from the data (:meth:`lib.data.datasets.DRRVolumes.volume_extent`, the mean training volume)."""
+    return HybridCNNViTUNet3D(default_angles(config["views"]), image_size=config["image_size"],
+                              volume_size=config["volume_size"], base_channels=config["base_channels"],
+                              attention_channels=config["attention_channels"],
+                              attention_heads=config["attention_heads"], swin_heads=config["attention_heads"],
+                              window_size=config["window_size"], dense_layers=config["dense_layers"],
+                              volume_extent=volume_extent, prior=prior)
+
+
 def _guarded(block: nn.Module, *inputs: torch.Tensor, size: int) -> torch.Tensor:
     """Run a U-Net block; in float32 when it works on 2^3 voxels or fewer. There the CPU's bf16 conv3d
     weight gradient (oneDNN, torch 2.13) returned Inf/NaN from finite inputs now and then (measured; see

@@ -1,0 +1,28 @@
+"""Which ``F.scaled_dot_product_attention`` kernel runs attention over short sequences on a CPU.
+
+On a CPU under bf16 autocast, torch 2.13's flash-attention kernel (what SDPA picks there) is several
+times slower than the plain "math" kernel (matmul, softmax, matmul) for short sequences: forward +
+backward of [64 frames, 8 heads, 16 tokens, 32] took 19 ms against 3.5 ms, and it stays behind up to
+about 128 tokens; from 256 tokens on, flash is faster (``lib.bench``, section 2, and its notes). The
+families' attention over a few frames, small spatial maps and 3D Swin windows is of that kind.
+
+:func:`short_sequence_attention` is the context for such a call (also around MONAI blocks, whose SDPA
+calls it reaches). It changes nothing in float32 or on a GPU: the same kernel runs, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SHORT_SEQUENCE = 128  # tokens; up to here the math kernel beats flash in bf16 on the CPU (measured)
+
+
+def short_sequence_attention(x: torch.Tensor, tokens: int) -> contextlib.AbstractContextManager:
+    """The math SDPA kernel when ``x`` is on a CPU under autocast and the attention spans at most
+    :data:`SHORT_SEQUENCE` tokens; otherwise nothing (torch's own choice)."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and tokens <= SHORT_SEQUENCE:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
