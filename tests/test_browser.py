@@ -89,6 +89,22 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.float32)
 
 
+def _screenshot(locate, path: Path, seconds: float = 30) -> None:
+    """Screenshot of the element ``locate()`` finds; the widget redraws its image (a new element) whenever
+    a cell or the slider changes it, so an element that went away is looked up again."""
+    from playwright.sync_api import Error
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            locate().screenshot(path=str(path), timeout=10_000)
+            return
+        except Error:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _run_and_slide(lab, browser, notebook: str, name: str) -> float:
     url, token = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -103,20 +119,20 @@ def _run_and_slide(lab, browser, notebook: str, name: str) -> float:
         slider = page.locator(".widget-slider .noUi-handle, .widget-hslider .noUi-handle").first
         slider.wait_for(timeout=180_000)
         viewer = page.locator(".widget-vbox").filter(has=page.locator(".noUi-handle")).first
-        image = viewer.locator(".widget-output img, .jp-OutputArea-output img").first
-        image.wait_for(timeout=60_000)
-        image.scroll_into_view_if_needed()
+        image = lambda: viewer.locator(".widget-output img, .jp-OutputArea-output img").first  # noqa: E731
+        image().wait_for(timeout=60_000)
+        page.get_by_text("| Idle").first.wait_for(timeout=180_000)  # every cell has run: nothing redraws now
+        image().scroll_into_view_if_needed()
         UI.mkdir(parents=True, exist_ok=True)
         before, after = UI / f"{name}_before.png", UI / f"{name}_after.png"
-        image.screenshot(path=str(before))
+        _screenshot(image, before)
         slider.focus()
         for _ in range(6):
             page.keyboard.press("ArrowRight")
         deadline, diff = time.monotonic() + 30, 0.0
         while time.monotonic() < deadline:
             page.wait_for_timeout(500)
-            image = viewer.locator(".widget-output img, .jp-OutputArea-output img").first
-            image.screenshot(path=str(after))
+            _screenshot(image, after)
             a, b = _pixels(before), _pixels(after)
             diff = float(np.abs(a - b).mean()) if a.shape == b.shape else float("inf")
             if diff > 0.5:
