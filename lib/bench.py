@@ -113,11 +113,6 @@ def measure(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> dict
     return {"wall_s": sorted(walls)[len(walls) // 2], "cpu_s": sorted(cpus)[len(cpus) // 2]}
 
 
-def timed(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
-    return measure(fn, repeats, warmup)["wall_s"]
-
-
 def _conv_backward_flop(*args, **kwargs) -> int:
     """torch's formula for ``aten.convolution_backward``, with the weight gradient of a grouped convolution
     divided by its groups: torch 2.13 counts it as if the convolution were dense (32x too much for a
@@ -150,7 +145,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -166,9 +162,9 @@ def _in_child(fn: Callable, args: tuple, kwargs: dict, conn) -> None:
             reset = True
         except OSError:
             reset = False  # then the child's lifetime peak: an over-estimate
-        base = _status_mb("VmRSS")
+        base = status_mb("VmRSS")
         result = fn(*args, **kwargs)
-        peak = _status_mb("VmHWM") if reset else peak_rss_mb()
+        peak = status_mb("VmHWM") if reset else peak_rss_mb()
         conn.send(("ok", (result, round(peak - base, 1))))
     except BaseException:
         import traceback

@@ -28,7 +28,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,23 +37,11 @@ from pathlib import Path
 OUT = Path("benchmarks") / "pretrain_step.json"
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def step_case(preset: str) -> dict:
     """One case, in this process (the parent runs it in a child): see the module docstring."""
     import torch
 
-    from lib import config
+    from lib import bench, config
     from lib.device import autocast
     from lib.models import pretrainer as pt
 
@@ -62,7 +49,7 @@ def step_case(preset: str) -> dict:
 
     cfg = config.resolve("03_pretrain", preset)
     torch.manual_seed(0)
-    base = _rss_mb()
+    base = bench.status_mb("VmRSS")
     model = pt.build_pretrainer(cfg)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -96,7 +83,7 @@ def step_case(preset: str) -> dict:
         "step_wall_s": round(statistics.mean(t[0] for t in timed), 3),
         "step_cpu_s": round(statistics.mean(t[1] for t in timed), 3), "steps_timed": repeats,
         "loss": round(timed[-1][2], 4), "loss_finite": all(t[2] == t[2] and abs(t[2]) < float("inf") for t in timed),
-        "peak_rss_above_imports_mb": round(_peak_mb() - base, 1), "torch_threads": torch.get_num_threads(),
+        "peak_rss_above_imports_mb": round(bench.peak_rss_mb() - base, 1), "torch_threads": torch.get_num_threads(),
     }
 
 
@@ -149,6 +136,7 @@ def attention_cases(repeats: int) -> list[dict]:
 # --------------------------------------------------------------------------- sections 3 and 4 of lib.bench
 
 ATTENTION_SIZES = (32, 64, 96, 128)
+LOOP_SAMPLES = 2  # section 4 at prod: samples of the batch the InfoNCE loop is timed on (then scaled)
 
 
 # The variants of section 3: name -> (Haar levels: None = the prod preset's, SDPA kernel: None = torch's choice).
@@ -273,8 +261,6 @@ def infonce(quick: bool, ceilings: dict | None = None, out: Path | None = None) 
                      "max_abs_diff": abs(float(batched(n)) - float(value_loop))})
     return rows
 
-
-LOOP_SAMPLES = 2
 
 
 def targets(rows: list[dict]) -> list[str]:

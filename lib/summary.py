@@ -141,6 +141,11 @@ def run_rows(family: str, run_dir: Path | None, preset: str) -> list[dict[str, A
              "seeds": r.get("seeds") if r.get("seeds") not in (None, "") else seed} for r in rows]
 
 
+def is_true(flag: Any) -> bool:
+    """A ``headline`` / ``higher_is_better`` flag as written by a run or read back from a CSV (True, 1, "True")."""
+    return flag is True or flag == 1 or str(flag).lower() == "true"
+
+
 def verdict(row: dict[str, Any]) -> str:
     """``better`` / ``worse`` / ``tie`` of the model against its baseline, in plain words."""
     try:
@@ -149,7 +154,7 @@ def verdict(row: dict[str, Any]) -> str:
         return ""
     if not (math.isfinite(v) and math.isfinite(b)):
         return ""
-    better = v > b if row["higher_is_better"] in (True, "True", "true", 1) else v < b
+    better = v > b if is_true(row["higher_is_better"]) else v < b
     if "ceiling" in str(row.get("baseline", "")).lower():
         return "at the ceiling" if v == b or better else f"short of the ceiling by {abs(v - b):.3g}"
     if v == b:
@@ -164,7 +169,7 @@ def write_summary(rows: list[dict[str, Any]], results_root: str | os.PathLike | 
     order = {family: i for i, family in enumerate(FAMILIES)}
     table = table.sort_values("family", key=lambda f: f.map(order), kind="stable").reset_index(drop=True)
     for family, sub in table[table["task"] != "missing"].groupby("family"):
-        heads = sub.loc[sub["headline"].isin([True, "True", "true"]), "metric"].tolist()
+        heads = sub.loc[sub["headline"].map(is_true), "metric"].tolist()
         if len(heads) != 1:
             raise ValueError(f"{family} (runs {', '.join(sorted(set(map(str, sub['run_id']))))}) has {len(heads)} "
                              f"headline rows {heads}; exactly one metric per family answers its question")
@@ -181,10 +186,10 @@ def write_summary(rows: list[dict[str, Any]], results_root: str | os.PathLike | 
         lines += ["| task | metric | model | baseline | baseline value | verdict | split | n | seeds |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for _, r in sub.iterrows():
-            mark = "**" if r["headline"] in (True, "True") else ""
+            mark = "**" if is_true(r["headline"]) else ""
             lines.append(f"| {r['task']} | {mark}{r['metric']}{mark} | {_fmt(r['value'])} | {r['baseline']} | "
                          f"{_fmt(r['baseline_value'])} | {verdict(r)} | {r['split']} | {r['n']} | {r['seeds']} |")
-        head = sub[sub["headline"].isin([True, "True"])]
+        head = sub[sub["headline"].map(is_true)]
         for _, r in head.iterrows():
             lines += ["", f"Headline: {r['metric']} {_fmt(r['value'])} against {r['baseline']} "
                           f"{_fmt(r['baseline_value'])}: the model is {verdict(r)}."]

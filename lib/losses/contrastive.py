@@ -91,10 +91,6 @@ class SpatialInfoNCE(nn.Module):
             out.append(f if f.shape[2:] == grid else F.interpolate(f, size=grid, mode="trilinear", align_corners=False))
         return out
 
-    def project(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Aligned (to level 0's grid), projected, L2-normalised maps [B, P, *grid_0]."""
-        return [F.normalize(proj(f).float(), dim=1) for f, proj in zip(self.align(features), self.projectors)]
-
     def forward(self, features: Sequence[torch.Tensor], visible: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         aligned = self.align(features)
