@@ -9,7 +9,8 @@ On the same training files of the demo cohort (``FILES`` per modality; the smoke
   decoding alone), ``cache_vol_per_s`` reads the preprocessed array from :class:`lib.data.cache.ArrayCache`;
 - ``level`` "loader", for ``workers`` 0, 1, 2: what training sees, a ``DataLoader`` over
   :class:`lib.data.datasets.VolumeDataset` (items resized to ``img_size`` and batched) without a cache
-  (``decode_vol_per_s``) and with it (``cache_vol_per_s``);
+  (``decode_vol_per_s``: decode, preprocess, resize) and with it (``cache_vol_per_s``: a read of the
+  cached model-size entry);
 - ``step_vol_per_s``: what the subset training step consumes (the pretrainer's forward, backward and
   AdamW step under autocast on the MRI batch, independent of the loader); ``loop_vol_per_s``: the cached
   loader feeding that step, end to end (MRI).

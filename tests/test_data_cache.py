@@ -1,9 +1,10 @@
 import json
+import mmap
 
 import numpy as np
 import pytest
 
-from lib.data.cache import ArrayCache
+from lib.data.cache import ArrayCache, open_npy
 
 
 @pytest.fixture
@@ -23,8 +24,37 @@ def test_hit_miss_and_memory_map(tmp_path, source):
     a = cache.get(source, {"size": 4}, compute)
     b = cache.get(source, {"size": 4}, compute)
     assert len(calls) == 1 and (cache.hits, cache.misses) == (1, 1)
-    assert isinstance(b, np.memmap) and np.array_equal(a, b)
+    owner = b
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(owner.obj, mmap.mmap) and np.array_equal(a, b)  # a read-only memory map of the entry
     assert not b.flags.writeable
+
+
+@pytest.mark.parametrize("array", [np.arange(24, dtype=np.int16).reshape(2, 3, 4),
+                                   np.asfortranarray(np.random.default_rng(0).random((5, 7))),
+                                   np.zeros((0, 3), np.float32), np.float64(2.5)])
+def test_open_npy_reads_what_numpy_reads(tmp_path, array):
+    path = tmp_path / "a.npy"
+    np.save(path, array)
+    reference, opened = np.load(path, mmap_mode="r") if array.size else np.load(path), open_npy(path)
+    assert opened.dtype == reference.dtype and opened.shape == reference.shape
+    np.testing.assert_array_equal(opened, reference)
+    assert opened.flags.f_contiguous == reference.flags.f_contiguous
+
+
+def test_open_npy_refuses_what_is_not_a_whole_npy(tmp_path):
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(100.0))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError):
+        open_npy(path)
+    path.write_bytes(b"not an npy file at all")
+    with pytest.raises(ValueError):
+        open_npy(path)
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object"):
+        open_npy(path)
 
 
 def test_changed_parameter_or_source_invalidates(tmp_path, source):

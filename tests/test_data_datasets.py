@@ -27,6 +27,22 @@ def test_volume_datasets_shapes_ranges_and_cache(smoke_cohort, cache):
     # the cached array is what preparing the file gives
     ref = ds.prepare_volume(mri.files[0], "MRI", None, (40, 40, 40))
     np.testing.assert_array_equal(mri.array(0), ref)
+    # what the model takes is cached as its own entry: the prepared array resized, as without a cache
+    np.testing.assert_array_equal(mri.model_array(0), ds.resize(torch.from_numpy(ref), (24, 24, 24)).numpy())
+    assert torch.equal(ds.VolumeDataset(mri.files, "MRI", 24, prep_size=(40, 40, 40))[0], x)
+    entries = len(list(cache.root.rglob("*.npy")))
+    assert entries == 4  # prepared grid and model input, of the first MRI and the first CT
+
+
+def test_flips_and_rotations_commute_with_the_resize():
+    # the dataset augments after resizing (what it caches); for a cube that is what augmenting first gives
+    x = torch.rand(2, 16, 16, 16)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        first = ds.resize(ds.augment_volume(x, noise_std=0.0), (8, 8, 8))
+        torch.manual_seed(seed)
+        after = ds.augment_volume(ds.resize(x, (8, 8, 8)), noise_std=0.0)
+        torch.testing.assert_close(after, first, rtol=0, atol=1e-6)
 
 
 def test_ct_windows_come_from_hu(smoke_cohort):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import os
 import warnings
 from pathlib import Path
@@ -29,9 +31,8 @@ CACHE_VERSION = 1
 
 def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 (memo by design)
     """SHA-256 of a file's bytes, remembered per (path, size, mtime) within the process."""
-    path = Path(path)
-    st = path.stat()
-    token = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    st = os.stat(path)
+    token = (os.path.abspath(path), st.st_size, st.st_mtime_ns)  # abspath: no syscall (resolve() costs one per part)
     if token not in _memo:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -39,6 +40,22 @@ def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006
                 h.update(block)
         _memo[token] = h.hexdigest()
     return _memo[token]
+
+
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """A ``.npy`` file as a read-only array over a memory map of it: ``np.load(path, mmap_mode="r")``
+    without ``np.memmap``'s Python overhead (half of a cache hit's time on a small volume)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: object arrays are not cached")
+        offset = f.tell()
+        count = math.prod(shape)
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if count else b""
+    array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset if count else 0)
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 class ArrayCache:
@@ -66,7 +83,7 @@ class ArrayCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+            array = open_npy(array_path)
         except (ValueError, OSError, json.JSONDecodeError) as e:
             warnings.warn(f"cache entry {array_path} is unreadable ({e}); rebuilding it")
             return None
@@ -92,4 +109,4 @@ class ArrayCache:
         write_json(meta_path, {"key": key, "source": str(source), "source_sha256": file_sha256(source),
                                "params": params, "shape": list(result.shape), "dtype": str(result.dtype),
                                "version": CACHE_VERSION})
-        return np.load(array_path, mmap_mode="r", allow_pickle=False)
+        return open_npy(array_path)

@@ -152,7 +152,12 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 class VolumeDataset(Dataset):
     """Preprocessed (cached) volumes of one modality; items are ``[C, S, S, S]`` float32 tensors.
 
-    ``prep_size``/``spacing``: the cached grid (02_prepare_data); ``size``: the model's input size.
+    ``prep_size``/``spacing``: the prepared grid (02_prepare_data; :meth:`array`); ``size``: the model's
+    input size (:meth:`model_array`: the prepared array resized). Both are deterministic and cached, each
+    as its own entry, so an item is a read of what the model takes; the random augmentations (flips,
+    90° rotations, noise) come after, at the model's size. Flips and rotations commute with the resize
+    (a cube resized by the same factor on every axis), so only where the noise is added differs from
+    augmenting the prepared grid first: its standard deviation is ``noise_std`` at the model's input.
     """
 
     def __init__(self, files: Sequence[str | os.PathLike], modality: str, size: int, *, prep_size: Sequence[int] = (64, 64, 64),
@@ -171,15 +176,23 @@ class VolumeDataset(Dataset):
         return len(self.files)
 
     def array(self, i: int) -> np.ndarray:
+        """Volume ``i`` on the prepared grid ``[C, *prep_size]`` (a read-only memory map when cached)."""
         path = self.files[i]
         compute = lambda: prepare_volume(path, self.modality, self.params["spacing"], self.params["prep_size"])  # noqa: E731
         return compute() if self.cache is None else self.cache.get(path, self.params, compute)
 
+    def model_array(self, i: int) -> np.ndarray:
+        """Volume ``i`` resized to the model's input ``[C, *size]`` (a read-only memory map when cached)."""
+        if list(self.size) == self.params["prep_size"]:
+            return self.array(i)
+        compute = lambda: resize(torch.from_numpy(np.array(self.array(i), dtype=np.float32)), self.size).numpy()  # noqa: E731
+        if self.cache is None:
+            return compute()
+        return self.cache.get(self.files[i], {**self.params, "size": list(self.size)}, compute)
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = torch.from_numpy(np.array(self.array(i), dtype=np.float32))
-        if self.augment:
-            x = augment_volume(x, self.noise_std)
-        return resize(x, self.size)
+        x = torch.from_numpy(np.array(self.model_array(i), dtype=np.float32))
+        return augment_volume(x, self.noise_std) if self.augment else x
 
 
 class AlternatingLoader:
@@ -402,7 +415,8 @@ def throughput(files: Sequence[str | os.PathLike], modality: str, cache: ArrayCa
                prep_size: int) -> dict:
     """Volumes per second: decoding the ``.nii.gz`` (and preprocessing) every time, against reading the cache.
 
-    Measured side by side in one call, on the same files, after the cache has been filled.
+    Measured side by side in one call, on the same files, after the cache has been filled. Each volume is
+    read whole into memory and released before the next, as a training loop consumes them.
     """
     import time
 
@@ -410,17 +424,18 @@ def throughput(files: Sequence[str | os.PathLike], modality: str, cache: ArrayCa
     for i in range(len(data)):
         data.array(i)  # fill the cache (and warm the file system) before timing
 
-    def best_of(fn, repeats: int = 3) -> float:
+    def best_of(read, repeats: int = 3) -> float:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            for i in range(len(data)):
+                read(i)
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    t_decode = best_of(lambda: [load_volume(f) for f in data.files])
-    t_prepare = best_of(lambda: [prepare_volume(f, modality, spacing, (prep_size,) * 3) for f in data.files])
-    t_cache = best_of(lambda: [np.array(data.array(i)) for i in range(len(data))])  # reads the whole map
+    t_decode = best_of(lambda i: load_volume(data.files[i]))
+    t_prepare = best_of(lambda i: prepare_volume(data.files[i], modality, spacing, (prep_size,) * 3))
+    t_cache = best_of(lambda i: np.array(data.array(i)))  # reads the whole map
     n = len(data)
     return {"modality": modality, "volumes": n, "decode_nii_gz_per_s": round(n / t_decode, 1),
             "decode_and_prepare_per_s": round(n / t_prepare, 1), "cache_per_s": round(n / t_cache, 1),
