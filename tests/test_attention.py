@@ -1,4 +1,5 @@
-"""lib.models.attention: the math SDPA kernel for short sequences on a CPU under autocast, nothing elsewhere."""
+"""lib.models.attention: the math SDPA kernel for short sequences on a CPU under autocast, nothing elsewhere;
+contiguous outputs of MONAI attention blocks."""
 
 import torch
 import torch.nn.functional as F
@@ -34,3 +35,25 @@ def test_float32_results_are_unchanged_and_bf16_ones_as_accurate():
             math = F.scaled_dot_product_attention(q, k, v)
     err_default, err_math = ((o.double() - reference).abs().max().item() for o in (default, math))
     assert err_math < 2e-2 and err_math <= 2 * err_default, (err_math, err_default)
+
+
+def test_contiguous_outputs_changes_the_layout_not_the_result():
+    from monai.networks.blocks import SpatialAttentionBlock
+    from monai.networks.nets import AutoencoderKL
+
+    from lib.models.attention import contiguous_outputs
+
+    torch.manual_seed(0)
+    net = AutoencoderKL(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=2,
+                        num_res_blocks=1, norm_num_groups=4, attention_levels=(False, False))
+    x = torch.randn(2, 1, 16, 16)
+    before = net.encoder(x)
+    layouts = []
+    norm = net.decoder.blocks[1].norm1  # the decoder's first GroupNorm after its mid attention
+    norm.register_forward_pre_hook(lambda _m, args: layouts.append(args[0].is_contiguous()))
+    net.decoder(before)
+    assert contiguous_outputs(net, SpatialAttentionBlock) == 2  # the encoder's and the decoder's mid attention
+    after = net.encoder(x)
+    net.decoder(after)
+    assert layouts == [False, True] and after.is_contiguous() and not before.is_contiguous()
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)  # later layers sum in another order

@@ -73,6 +73,24 @@ def test_frames_attend_to_each_other_only_through_temporal_attention():
         assert bool((delta[1:] > 1e-6).all()) is mixes
 
 
+def test_temporal_attention_computes_what_monai_sablock_computes():
+    # forward uses SABlock's projections around its own matmul-softmax-matmul; SABlock.forward is the reference
+    torch.manual_seed(0)
+    layer = D.TemporalAttention(32, num_head_channels=8, norm_num_groups=8)
+    torch.nn.init.normal_(layer.attn.out_proj.weight, std=0.1)  # zero at initialisation
+    batch, frames = 2, 5
+    x = torch.randn(batch * frames, 32, 3, 4, requires_grad=True)
+    y = layer.norm(x).reshape(batch, frames, 32, 12).permute(0, 3, 1, 2).reshape(batch * 12, frames, 32)
+    y = layer.attn(y + D.get_timestep_embedding(torch.arange(frames), 32))
+    reference = x + y.reshape(batch, 12, frames, 32).permute(0, 2, 3, 1).reshape(x.shape)
+    out = layer(x, batch)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    g_out, g_ref = (torch.autograd.grad(v.square().sum(), [x, layer.attn.qkv.weight]) for v in (out, reference))
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, x)  # the attention contributes
+
+
 def test_prod_configuration():
     m = D.SeriesDenoiser()  # model channels 128, multipliers 1, 2, 4, 4, attention at levels 1 and 2
     assert [len(blocks) for blocks in m.down] == [2, 2, 2, 2]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from lib import config
 from lib.models import waveformer as wf
-from lib.models.waveformer import WaveFormer3D, WaveletAttention, haar_dwt3d, haar_idwt3d, sincos_position_encoding
+from lib.models.waveformer import (WaveFormer3D, WaveletAttention, haar_dwt3d, haar_idwt3d, sincos_position_encoding,
+                                  wavelet_attention_reference)
 
 
 def _small(**kw):
@@ -100,6 +101,21 @@ def test_wavelet_attention_attends_on_the_low_band():
     attended = attn.attend(coarse.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(coarse.shape)
     expected = attended.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
     assert torch.allclose(attn(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("levels, shape", [(1, (2, 16, 4, 6, 8)), (2, (1, 16, 5, 6, 7)), (3, (1, 8, 8, 8, 8))])
+def test_wavelet_attention_closed_form_equals_the_transforms(levels, shape):
+    # forward pools, attends and upsamples; the reference runs Haar analysis and synthesis explicitly
+    torch.manual_seed(0)
+    attn = WaveletAttention(shape[1], 2, levels).double()
+    with torch.no_grad():
+        attn.detail_gain.uniform_(-1.0, 1.0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    fast, reference = attn(x), wavelet_attention_reference(attn, x)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad(y.square().sum(), [x, *attn.parameters()]) for y in (fast, reference)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_wavelet_attention_keeps_odd_grids_and_uses_sdpa(monkeypatch):

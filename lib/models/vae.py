@@ -33,8 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import compute_ms_ssim
+from monai.networks.blocks import SpatialAttentionBlock
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from torch.func import functional_call
+
+from lib.models.attention import contiguous_outputs
 
 # MS-SSIM scale weights of Wang et al. (2003); fewer scales (renormalised) for small frames.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -123,6 +126,7 @@ class FrameVAE(nn.Module):
             num_res_blocks=num_res_blocks, norm_num_groups=norm_num_groups, attention_levels=attention_levels,
             with_encoder_nonlocal_attn=mid_attention, with_decoder_nonlocal_attn=mid_attention,
             use_flash_attention=True)  # F.scaled_dot_product_attention
+        contiguous_outputs(self.autoencoder, SpatialAttentionBlock)
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor or 0.0)))
         self.discriminator = None
         if discriminator_channels is not None:

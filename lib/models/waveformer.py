@@ -9,6 +9,10 @@ brings the result back to full resolution together with the untouched detail ban
 learned per-channel gain that starts at zero, so a fresh block adds the upsampled attention and
 learns how much of the detail to add). One level divides the number of attended tokens by 8, so the
 quadratic part of attention by 64; ``python -m lib.bench_pretrain`` measures it against full attention.
+Because the transform is linear and orthonormal, that whole pipeline equals, per cell of ``2**levels``
+tokens per axis, ``up(attention(mean) - g * mean) + g * x``: the layer computes it so (average pooling,
+attention, nearest upsampling), and :func:`wavelet_attention_reference`, with the explicit transforms,
+is what the tests hold it to (float64: equal to 1e-15, gradients included).
 
 Shapes::
 
@@ -129,24 +133,44 @@ class WaveletAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, e))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
-        m = 2 ** self.levels
+        """Computed in closed form (:func:`wavelet_attention_reference` spells out the transforms).
+
+        The orthonormal Haar transform is linear, and its low band after ``L`` levels is the mean over
+        each cell of ``2**L`` voxels per axis times ``sqrt(8)**L``. Replacing that band by attention over
+        the cell means (scaled alike) and multiplying every detail band by ``g`` (``detail_gain``), the
+        inverse transform gives, voxel by voxel, ``up(attention(mean) - g * mean) + g * x``, with ``up``
+        repeating a cell's value over the cell: one pooling, one upsampling, no transforms.
+        """
+        if self.levels == 0:
+            return self.attend(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+        size, m = x.shape[2:], 2 ** self.levels
         pad = [p for s in reversed(size) for p in (0, (-s) % m)]
-        low = F.pad(x, pad, mode="replicate") if any(pad) else x
-        details = []
-        for _ in range(self.levels):
-            coeffs = haar_dwt3d(low)
-            low, detail = coeffs[:, :, 0], coeffs[:, :, 1:]
-            details.append(detail)
-        # The orthonormal low band is the cell mean times sqrt(8) per level: attend on the mean.
-        scale = math.sqrt(8.0) ** self.levels
-        grid = low.shape[2:]
-        tokens = (low / scale).flatten(2).transpose(1, 2)
-        out = self.attend(tokens).transpose(1, 2).reshape(*low.shape[:2], *grid) * scale
-        gain = self.detail_gain.view(1, -1, 1, 1, 1, 1).to(out.dtype)
-        for detail in reversed(details):
-            out = haar_idwt3d(torch.cat([out.unsqueeze(2), detail.to(out.dtype) * gain], dim=2))
+        x = F.pad(x, pad, mode="replicate") if any(pad) else x
+        mean = F.avg_pool3d(x, m)
+        attended = self.attend(mean.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(mean.shape)
+        gain = self.detail_gain.view(1, -1, 1, 1, 1)
+        out = torch.addcmul(F.interpolate(attended - gain * mean, scale_factor=m, mode="nearest"), gain, x)
         return out[:, :, : size[0], : size[1], : size[2]]
+
+
+def wavelet_attention_reference(attn: WaveletAttention, x: torch.Tensor) -> torch.Tensor:
+    """What :meth:`WaveletAttention.forward` computes, spelled out with the transforms: ``levels`` Haar
+    analyses of the (replicate-padded) grid, attention on the low band (taken as cell means), every detail
+    band times ``detail_gain``, ``levels`` Haar syntheses, crop. The tests compare the two."""
+    size, m = x.shape[2:], 2 ** attn.levels
+    pad = [p for s in reversed(size) for p in (0, (-s) % m)]
+    low = F.pad(x, pad, mode="replicate") if any(pad) else x
+    details = []
+    for _ in range(attn.levels):
+        coeffs = haar_dwt3d(low)
+        low, detail = coeffs[:, :, 0], coeffs[:, :, 1:]
+        details.append(detail)
+    scale = math.sqrt(8.0) ** attn.levels
+    out = attn.attend((low / scale).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(low.shape) * scale
+    gain = attn.detail_gain.view(1, -1, 1, 1, 1, 1).to(out.dtype)
+    for detail in reversed(details):
+        out = haar_idwt3d(torch.cat([out.unsqueeze(2), detail.to(out.dtype) * gain], dim=2))
+    return out[:, :, : size[0], : size[1], : size[2]]
 
 
 class WaveFormerBlock(nn.Module):
