@@ -31,20 +31,27 @@ def short_sequence_attention(x: torch.Tensor, tokens: int) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
-def contiguous_outputs(model: torch.nn.Module, block_type: type) -> int:
-    """Make every ``block_type`` submodule of ``model`` return a contiguous tensor (a forward hook; the
-    state dict is unchanged). Returns how many blocks were hooked.
+def contiguous_under_cpu_autocast(x: torch.Tensor) -> torch.Tensor:
+    """``x.contiguous()`` on a CPU under autocast, ``x`` otherwise.
 
     MONAI's ``SpatialAttentionBlock`` returns its result with channels-last strides. Convolutions and
     additions keep that layout, so every later ``GroupNorm`` gets channels-last input, on which torch
     2.13's CPU kernels run 6-13x slower in bf16, forward and backward (``[16, 32, 128, 128]``: 148 against
-    24 ms); in the FrameVAE at the subset preset that was a third of the training step. One copy per block
-    restores the usual layout. Values are those of the unhooked model up to float rounding (the layers
-    after it sum in another order).
+    24 ms); in the FrameVAE at the subset preset that was a third of the training step. In float32 the
+    channels-last convolutions gain more than the norms lose (the FrameVAE step was 20 % slower made
+    contiguous), and on a GPU nothing is known to be slow: there the layout stays. Values are those of
+    the other layout up to float rounding (the layers after it sum in another order).
     """
+    return x.contiguous() if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x
+
+
+def contiguous_outputs(model: torch.nn.Module, block_type: type) -> int:
+    """Pass the output of every ``block_type`` submodule of ``model`` through
+    :func:`contiguous_under_cpu_autocast` (a forward hook; the state dict is unchanged). Returns how many
+    blocks were hooked."""
     hooked = 0
     for module in model.modules():
         if isinstance(module, block_type):
-            module.register_forward_hook(lambda _m, _args, out: out.contiguous())
+            module.register_forward_hook(lambda _m, _args, out: contiguous_under_cpu_autocast(out))
             hooked += 1
     return hooked

@@ -28,7 +28,7 @@ from monai.networks.nets.diffusion_model_unet import (DiffusionUNetResnetBlock, 
                                                       WrappedUpsample, get_timestep_embedding)
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from lib.models.attention import short_sequence_attention
+from lib.models.attention import contiguous_under_cpu_autocast, short_sequence_attention
 from lib.models.vae import from_frames, to_frames
 
 
@@ -84,7 +84,7 @@ class _Block(nn.Module):
         x = self.res(x, emb)
         if self.attn is not None:
             with short_sequence_attention(x, x.shape[-2] * x.shape[-1]):
-                x = self.attn(x).contiguous()  # MONAI's block returns channels-last strides: GroupNorm crawls on them
+                x = contiguous_under_cpu_autocast(self.attn(x))  # MONAI's block returns channels-last strides
         if self.temporal is not None:
             x = self.temporal(x, batch)
         return x

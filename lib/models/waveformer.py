@@ -148,8 +148,10 @@ class WaveletAttention(nn.Module):
         x = F.pad(x, pad, mode="replicate") if any(pad) else x
         mean = F.avg_pool3d(x, m)
         attended = self.attend(mean.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(mean.shape)
-        gain = self.detail_gain.view(1, -1, 1, 1, 1)
-        out = torch.addcmul(F.interpolate(attended - gain * mean, scale_factor=m, mode="nearest"), gain, x)
+        # Full-size work in the attention's dtype (bf16 under autocast, as the transforms' matmuls were).
+        gain = self.detail_gain.view(1, -1, 1, 1, 1).to(attended.dtype)
+        out = F.interpolate(attended - gain * mean.to(attended.dtype), scale_factor=m, mode="nearest")
+        out = out.addcmul_(gain, x.to(attended.dtype))  # in place: the upsampling's backward keeps no output
         return out[:, :, : size[0], : size[1], : size[2]]
 
 
