@@ -4,7 +4,8 @@ On a CPU under bf16 autocast, torch 2.13's flash-attention kernel (what SDPA pic
 times slower than the plain "math" kernel (matmul, softmax, matmul) for short sequences: forward +
 backward of [64 frames, 8 heads, 16 tokens, 32] took 19 ms against 3.5 ms, and it stays behind up to
 about 128 tokens; from 256 tokens on, flash is faster (``lib.bench``, section 2, and its notes). The
-families' attention over a few frames, small spatial maps and 3D Swin windows is of that kind.
+families' attention over pooled token grids, small spatial maps and patch tokens is of that kind (the
+denoiser's temporal attention, over a few frames, computes matmul-softmax-matmul itself).
 
 :func:`short_sequence_attention` is the context for such a call (also around MONAI blocks, whose SDPA
 calls it reaches). It changes nothing in float32 or on a GPU: the same kernel runs, bit for bit.

@@ -105,6 +105,12 @@ def sincos_position_encoding(grid: Sequence[int], dim: int, temperature: float =
 
 # --------------------------------------------------------------------------- blocks
 
+def _replicate_pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x`` [B, C, d, h, w] padded at the far end of each axis (replicate) to a multiple of ``multiple``."""
+    pad = [p for s in reversed(x.shape[2:]) for p in (0, (-s) % multiple)]
+    return F.pad(x, pad, mode="replicate") if any(pad) else x
+
+
 class WaveletAttention(nn.Module):
     """Multi-head self-attention on the Haar low band of the token grid, inverse-transformed back.
 
@@ -141,13 +147,12 @@ class WaveletAttention(nn.Module):
         inverse transform gives, voxel by voxel, ``up(attention(mean) - g * mean) + g * x``, with ``up``
         repeating a cell's value over the cell: one pooling, one upsampling, no transforms.
         """
-        if self.levels == 0:
-            return self.attend(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
         size, m = x.shape[2:], 2 ** self.levels
-        pad = [p for s in reversed(size) for p in (0, (-s) % m)]
-        x = F.pad(x, pad, mode="replicate") if any(pad) else x
-        mean = F.avg_pool3d(x, m)
+        x = _replicate_pad(x, m)
+        mean = F.avg_pool3d(x, m) if self.levels else x
         attended = self.attend(mean.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(mean.shape)
+        if not self.levels:
+            return attended  # full attention on every token
         # Full-size work in the attention's dtype (bf16 under autocast, as the transforms' matmuls were).
         gain = self.detail_gain.view(1, -1, 1, 1, 1).to(attended.dtype)
         out = F.interpolate(attended - gain * mean.to(attended.dtype), scale_factor=m, mode="nearest")
@@ -159,9 +164,8 @@ def wavelet_attention_reference(attn: WaveletAttention, x: torch.Tensor) -> torc
     """What :meth:`WaveletAttention.forward` computes, spelled out with the transforms: ``levels`` Haar
     analyses of the (replicate-padded) grid, attention on the low band (taken as cell means), every detail
     band times ``detail_gain``, ``levels`` Haar syntheses, crop. The tests compare the two."""
-    size, m = x.shape[2:], 2 ** attn.levels
-    pad = [p for s in reversed(size) for p in (0, (-s) % m)]
-    low = F.pad(x, pad, mode="replicate") if any(pad) else x
+    size = x.shape[2:]
+    low = _replicate_pad(x, 2 ** attn.levels)
     details = []
     for _ in range(attn.levels):
         coeffs = haar_dwt3d(low)
