@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from lib.losses.medical import (DEFAULT_WEIGHTS, TERMS, MedicalGradeLoss, high_frequency_l1, reconstruction_metrics,
-                                sobel_magnitude, ssim_3d)
+from lib.losses.medical import (DEFAULT_WEIGHTS, TERMS, MedicalGradeLoss, filter3, high_frequency_l1,
+                                reconstruction_metrics, sobel_magnitude, ssim_3d)
 
 
 def volumes(seed=0, shape=(2, 1, 16, 16, 16)):
@@ -48,6 +48,27 @@ def test_sobel_magnitude_against_scipy():
     # scipy's kernels are [-1, 0, 1] and [1, 2, 1] (factor 2 * 4 * 4 = 32); its 'mirror' is torch's 'reflect'
     ref = np.sqrt(sum((ndimage.sobel(a, axis=k, mode="mirror") / 32) ** 2 for k in range(3)))
     np.testing.assert_allclose(sobel_magnitude(x)[0, 0].numpy(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [2, 3, 4])
+def test_filter3_matches_monai_separable_filtering(dim):
+    from monai.networks.layers import separable_filtering
+
+    x = torch.rand(2, 3, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    taps = (-0.3, 0.9, 0.45)  # asymmetric: correlation, not convolution
+    kernels = [torch.tensor([0.0, 1.0, 0.0], dtype=x.dtype)] * 3
+    kernels[dim - 2] = torch.tensor(taps, dtype=x.dtype)
+    ours, ref = filter3(x, taps, dim), separable_filtering(x, kernels, mode="reflect")
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    w = torch.rand_like(ref)
+    g_ours, = torch.autograd.grad((ours * w).sum(), x)
+    g_ref, = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-12)
+
+
+def test_filter3_rejects_a_single_voxel_axis():
+    with pytest.raises(ValueError, match="at least 2 voxels along dim 3"):
+        filter3(torch.rand(1, 1, 4, 1, 4), (0.25, 0.5, 0.25), 3)
 
 
 def test_high_frequency_l1_against_numpy():
