@@ -207,18 +207,19 @@ def isolated(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
 
 def train_step(model: torch.nn.Module, batch: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
                amp: bool, repeats: int = 3, lr: float = 1e-4) -> dict:
-    """Measure one optimizer step (zero_grad, forward + loss under autocast, backward, AdamW step).
+    """Measure one optimizer step (zero_grad, forward + loss under autocast, backward, :func:`lib.train.adamw` step).
 
     Runs on :func:`lib.device.pick_device` with its autocast dtype when ``amp`` (bf16 on a CPU). The
     FLOPs come from one step under ``FlopCounterMode`` (which is also the first warm-up step).
     Returns ``dtype``, ``ms`` (median wall), ``cpu_ms``, ``gflop_per_step``, ``gflops``.
     """
     from lib import device as _device
+    from lib import train
 
     dev = _device.pick_device()
     model = model.to(dev).train()
     batch = _to(batch, dev)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = train.adamw([p for p in model.parameters() if p.requires_grad], lr=lr)  # what the notebooks run
 
     def step():
         opt.zero_grad(set_to_none=True)

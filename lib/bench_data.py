@@ -29,7 +29,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from lib import bench, config
+from lib import bench, config, train
 
 FILES = 24
 REPEATS = 2
@@ -68,7 +68,7 @@ def data_path(quick: bool, ceilings: dict | None = None, out=None) -> list[dict]
     step = bench.train_step(case.model, case.batch, case.loss, cfg.amp, repeats=1 if quick else 3, lr=cfg.lr)
     step_rate = case.samples / step["ms"] * 1e3
     dev = _device.pick_device()
-    optimizer = torch.optim.AdamW(case.model.parameters(), lr=cfg.lr)
+    optimizer = train.adamw(case.model.parameters(), lr=cfg.lr)
 
     def train_on(x: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)

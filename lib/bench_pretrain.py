@@ -5,7 +5,7 @@ wavelet attention against full attention.
 
 - **Step** (each case in a fresh process, so that its peak memory is its own): builds the pretrainer of
   the preset (``lib.config``), counts parameters (encoder alone and with the pre-training head), and
-  runs forward + backward + an AdamW step at the preset's input size under the same bf16 autocast
+  runs forward + backward + an AdamW step (lib.train.adamw) at the preset's input size under the same bf16 autocast
   and activation checkpointing as training, on one MRI batch and one CT batch (batch 1 each for prod,
   the preset's batch sizes for subset). Reported: wall and CPU seconds per step (prod: its first
   step, nothing to warm up with at this cost; subset: the mean of 3 after one untimed), and the
@@ -41,7 +41,7 @@ def step_case(preset: str) -> dict:
     """One case, in this process (the parent runs it in a child): see the module docstring."""
     import torch
 
-    from lib import bench, config
+    from lib import bench, config, train
     from lib.device import autocast
     from lib.models import pretrainer as pt
 
@@ -52,7 +52,7 @@ def step_case(preset: str) -> dict:
     base = bench.status_mb("VmRSS")
     model = pt.build_pretrainer(cfg)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    optimizer = train.adamw(model.parameters(), lr=cfg.lr)
     device = torch.device("cpu")
     batches = {"MRI": 1 if preset == "prod" else cfg.batch_size,
                "CT": 1 if preset == "prod" else (cfg.ct_batch_size or max(1, cfg.batch_size // 2))}

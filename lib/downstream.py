@@ -125,7 +125,7 @@ def compare(pretrained: nn.Module, root: str | Path, out_dir: str | Path, config
     """Train every arm for every seed; one row per (arm, seed) with the test AUC."""
     from lib import metrics, runs
     from lib.data.datasets import AlternatingLoader
-    from lib.train import fit
+    from lib.train import adamw, fit
 
     data = {split: blob_patches(root, split, size) for split in ("train", "val", "test")}
     rows = []
@@ -136,7 +136,7 @@ def compare(pretrained: nn.Module, root: str | Path, out_dir: str | Path, config
             loaders = {m: DataLoader(TensorDataset(*xy), batch_size=batch_size, shuffle=True, **runs.loader_seeding(seed))
                        for m, xy in data["train"].items()}
             val = {m: DataLoader(TensorDataset(*xy), batch_size=batch_size) for m, xy in data["val"].items()}
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
+            optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
             cfg = {**config, "epochs": epochs, "ema_decay": None, "best_metric": "val_loss", "arm": arm, "seed": seed}
             fit(model, _step, AlternatingLoader(loaders), optimizer, out_dir=Path(out_dir) / f"{arm}-seed{seed}",
                 config=cfg, val_loader=AlternatingLoader(val), device=device, settings=None)

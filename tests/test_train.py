@@ -416,3 +416,36 @@ def test_two_gloo_processes_with_the_same_global_batch_equal_one_process(tmp_pat
     assert [float(r["val_loss"]) for r in two_epochs] == pytest.approx(
         [float(r["val_loss"]) for r in _rows(tmp_path / "one" / "epochs.csv")], rel=1e-5)
     assert not (tmp_path / "two" / "rank1").exists() or not any((tmp_path / "two" / "rank1").rglob("*"))
+
+
+def test_adamw_is_fused_and_updates_as_the_loop_implementation():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    b.load_state_dict(a.state_dict())
+    start = a[0].weight.detach().clone()
+    fused = train.adamw(a.parameters(), lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.param_groups[0]["fused"] and not loop.param_groups[0]["fused"]
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    for _ in range(20):
+        for model, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    moved = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    assert moved < 1e-5
+    assert (a[0].weight - start).abs().max() > 1e-2  # it did train
+
+
+def test_adamw_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
+    real = torch.optim.AdamW
+
+    def no_fused(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = train.adamw((p for p in torch.nn.Linear(2, 2).parameters()), lr=1e-3, weight_decay=0.0)
+    assert not opt.param_groups[0]["fused"] and len(opt.param_groups[0]["params"]) == 2
