@@ -1,14 +1,21 @@
-"""Which ``F.scaled_dot_product_attention`` kernel runs attention over short sequences on a CPU.
+"""How attention over short sequences runs on a CPU under autocast, and layouts after MONAI attention blocks.
 
-On a CPU under bf16 autocast, torch 2.13's flash-attention kernel (what SDPA picks there) is several
-times slower than the plain "math" kernel (matmul, softmax, matmul) for short sequences: forward +
-backward of [64 frames, 8 heads, 16 tokens, 32] took 19 ms against 3.5 ms, and it stays behind up to
-about 128 tokens; from 256 tokens on, flash is faster (``lib.bench``, section 2, and its notes). The
-families' attention over pooled token grids, small spatial maps and patch tokens is of that kind (the
-denoiser's temporal attention, over a few frames, computes matmul-softmax-matmul itself).
+On a CPU under bf16 autocast, torch 2.13's ``F.scaled_dot_product_attention`` is slow for short
+sequences with either kernel it has there: flash attention (its choice), and the math kernel, which
+computes in float32 and guards its softmax against fully masked rows. Plain matmul-softmax-matmul in
+bf16 beats both up to about 128 tokens; from 256 tokens on, flash is fastest. Forward + backward,
+bf16, heads of 32 channels, measured side by side::
 
-:func:`short_sequence_attention` is the context for such a call (also around MONAI blocks, whose SDPA
-calls it reaches). It changes nothing in float32 or on a GPU: the same kernel runs, bit for bit.
+    [batch, heads, tokens]   flash     math   explicit
+    [64, 4, 16]              11.0 ms   3.5 ms   2.3 ms
+    [64, 4, 64]              25.7     13.3      5.3
+    [64, 4, 256]             88.5    181.8    118.5
+    [4, 4, 1024]             56.5    169.4    102.9
+
+The families' attention over pooled token grids, small spatial maps and patch tokens is of the short
+kind. :func:`attention` is SDPA with that choice made, for the project's own attention code;
+:func:`route_short_sequences` makes the same choice for MONAI ``SABlock`` s (their einsum path or their
+SDPA call). Either changes nothing in float32 or on a GPU: SDPA runs, as before.
 
 :func:`contiguous_outputs` keeps MONAI attention blocks from handing channels-last tensors to the
 GroupNorms after them (a slow path on a CPU).
@@ -16,20 +23,36 @@ GroupNorms after them (a slow path on a CPU).
 
 from __future__ import annotations
 
-import contextlib
+from typing import Iterable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F
 
-SHORT_SEQUENCE = 128  # tokens; up to here the math kernel beats flash in bf16 on the CPU (measured)
+SHORT_SEQUENCE = 128  # tokens; up to here matmul-softmax-matmul beats SDPA in bf16 on the CPU (measured)
 
 
-def short_sequence_attention(x: torch.Tensor, tokens: int) -> contextlib.AbstractContextManager:
-    """The math SDPA kernel when ``x`` is on a CPU under autocast and the attention spans at most
-    :data:`SHORT_SEQUENCE` tokens; otherwise nothing (torch's own choice)."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and tokens <= SHORT_SEQUENCE:
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+def explicit_attention_wanted(x: torch.Tensor, tokens: int) -> bool:
+    """True when ``x`` is on a CPU under autocast and the attention spans at most :data:`SHORT_SEQUENCE` tokens."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and tokens <= SHORT_SEQUENCE
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` (no mask, no dropout; ``[..., tokens, channels]``), computed
+    as matmul-softmax-matmul in the autocast dtype where :func:`explicit_attention_wanted` says so for the
+    longer of the query and key sequences."""
+    if explicit_attention_wanted(q, max(q.shape[-2], k.shape[-2])):
+        return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def route_short_sequences(blocks: Iterable[torch.nn.Module], x: torch.Tensor, tokens: int) -> None:
+    """Point MONAI ``SABlock`` s (built with ``use_flash_attention=True``) at their explicit einsum path
+    where :func:`explicit_attention_wanted` says so, at SDPA otherwise. Call it in the forward that runs
+    them, every time: activation checkpointing recomputes that forward under the same autocast state,
+    so the recomputation takes the same path."""
+    sdpa = not explicit_attention_wanted(x, tokens)
+    for block in blocks:
+        block.use_flash_attention = sdpa
 
 
 def contiguous_under_cpu_autocast(x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.models.attention import short_sequence_attention
+from lib.models.attention import route_short_sequences
 
 # The note's constants (Longitudinal_MIM's constants.py).
 IMG_SIZE = 512
@@ -190,8 +190,8 @@ class TransformerBranch(nn.Module):
         self.unpatch = nn.ConvTranspose2d(hidden_size, channels, patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with short_sequence_attention(x, self.grid ** 2):
-            tokens = self.norm(self.blocks(self.embed(x)))                  # [B, N, hidden]
+        route_short_sequences([block.attn for block in self.blocks], x, self.grid ** 2)
+        tokens = self.norm(self.blocks(self.embed(x)))                      # [B, N, hidden]
         grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
         return self.unpatch(grid)
 

@@ -28,7 +28,7 @@ from monai.networks.nets.diffusion_model_unet import (DiffusionUNetResnetBlock, 
                                                       WrappedUpsample, get_timestep_embedding)
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from lib.models.attention import contiguous_under_cpu_autocast, short_sequence_attention
+from lib.models.attention import contiguous_under_cpu_autocast, route_short_sequences
 from lib.models.vae import from_frames, to_frames
 
 
@@ -83,8 +83,8 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
         x = self.res(x, emb)
         if self.attn is not None:
-            with short_sequence_attention(x, x.shape[-2] * x.shape[-1]):
-                x = contiguous_under_cpu_autocast(self.attn(x))  # MONAI's block returns channels-last strides
+            route_short_sequences([self.attn.attn], x, x.shape[-2] * x.shape[-1])
+            x = contiguous_under_cpu_autocast(self.attn(x))  # MONAI's block returns channels-last strides
         if self.temporal is not None:
             x = self.temporal(x, batch)
         return x

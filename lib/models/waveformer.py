@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lib.models.attention import short_sequence_attention
+from lib.models.attention import attention
 
 IN_CHANNELS = (1, 3)  # MRI, CT (three windows)
 POS_EMBEDS = ("sincos", "learned")
@@ -134,8 +134,7 @@ class WaveletAttention(nn.Module):
         """Plain multi-head self-attention over a token sequence [B, N, E] (also the full-attention baseline)."""
         b, n, e = tokens.shape
         q, k, v = self.qkv(tokens).reshape(b, n, 3, self.num_heads, e // self.num_heads).permute(2, 0, 3, 1, 4)
-        with short_sequence_attention(q, n):
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, e))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
