@@ -42,8 +42,6 @@ from monai.networks.blocks import Convolution
 from monai.networks.nets.attentionunet import AttentionBlock
 from monai.networks.nets.swin_unetr import BasicLayer
 
-from lib.models.attention import attention
-
 
 def _groups(channels: int) -> int:
     """GroupNorm groups: 8 when they divide the channels (batches of 1-2 volumes rule out BatchNorm)."""
@@ -121,8 +119,7 @@ class MultiScaleFeaturePyramid(nn.Module):
 
 
 class CrossViewAttention(nn.Module):
-    """Cross-view transformer layer for N views (pre-norm, ``F.scaled_dot_product_attention`` through
-    :func:`lib.models.attention.attention`).
+    """Cross-view transformer layer for N views (pre-norm, ``F.scaled_dot_product_attention``).
 
     ``tokens`` ``[B, V, N, C]``: the queries of view ``v`` attend to the keys/values of every other view
     (for V = 2: frontal -> lateral and lateral -> frontal, the research note's bidirectional attention,
@@ -153,7 +150,7 @@ class CrossViewAttention(nn.Module):
             others = [j for j in range(v) if j != i] or [i]
             k = k_all[:, others].reshape(b, -1, c)
             val = v_all[:, others].reshape(b, -1, c)
-            a = attention(self._split(q_all[:, i]), self._split(k), self._split(val))
+            a = F.scaled_dot_product_attention(self._split(q_all[:, i]), self._split(k), self._split(val))
             out.append(a.transpose(1, 2).reshape(b, n, c))
         x = tokens + self.proj(torch.stack(out, dim=1))
         return x + self.mlp(self.norm_mlp(x))
