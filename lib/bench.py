@@ -28,7 +28,10 @@ Peak memory: every case that reports one runs in a child process forked from a s
 imported torch and MONAI once (:func:`isolated`), so that no earlier case's memory is counted. Its
 peak is the child's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
 when the case starts) above its resident set at that moment: model, optimizer state, inputs and
-activations, not the imports. Times are medians of wall-clock seconds; CPU seconds (all threads of the
+activations, not the imports, but also thread pools, allocator arenas and library scratch space, which
+move it by 20-30 MB from run to run. So sections 2 and 3 also report ``tensor_peak_mb`` (:func:`peak_tensor_mb`):
+the peak of the tensor memory one step allocates, what ``torch.cuda.max_memory_allocated`` counts on a
+GPU, the same in every run; section 3's memory target compares it. Times are medians of wall-clock seconds; CPU seconds (all threads of the
 process) are reported beside them, since a shared machine makes wall times pessimistic.
 """
 
@@ -140,6 +143,41 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def peak_tensor_mb(fn: Callable[[], object]) -> float:
+    """Peak of the tensor memory that ``fn`` allocates (MB above what was allocated when it started): what
+    ``torch.cuda.max_memory_allocated`` counts on a GPU, and what it uses there. On a CPU, from the
+    allocation events of torch's profiler (``profile_memory``: every CPU tensor allocation and free
+    with the running total of the bytes allocated since profiling began). Unlike a process's peak
+    resident memory, it holds no thread pools, allocator arenas or library scratch space, so it is
+    the same from one run to the next; it includes what kernels allocate as tensors internally (flash
+    attention's blocks, for one)."""
+    if _device_is_cuda():
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2 ** 20
+    from torch._C._profiler import _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    totals, stack = [0], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if isinstance(node.extra_fields, _ExtraFields_Allocation) and node.extra_fields.device.type == "cpu":
+            totals.append(node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return max(totals) / 2 ** 20
+
+
+def _device_is_cuda() -> bool:
+    from lib import device as _device
+
+    return _device.pick_device().type == "cuda"
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB; Linux reports kB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -211,7 +249,8 @@ def train_step(model: torch.nn.Module, batch: Any, loss_fn: Callable[[torch.nn.M
 
     Runs on :func:`lib.device.pick_device` with its autocast dtype when ``amp`` (bf16 on a CPU). The
     FLOPs come from one step under ``FlopCounterMode`` (which is also the first warm-up step).
-    Returns ``dtype``, ``ms`` (median wall), ``cpu_ms``, ``gflop_per_step``, ``gflops``.
+    Returns ``dtype``, ``ms`` (median wall), ``cpu_ms``, ``gflop_per_step``, ``gflops`` and ``tensor_peak_mb``
+    (:func:`peak_tensor_mb` of one more step).
     """
     from lib import device as _device
     from lib import train
@@ -232,7 +271,7 @@ def train_step(model: torch.nn.Module, batch: Any, loss_fn: Callable[[torch.nn.M
     t = measure(step, repeats=repeats, warmup=1)
     dtype = str(_device.autocast_dtype(dev) if amp else torch.float32).replace("torch.", "")
     return {"dtype": dtype, "ms": t["wall_s"] * 1e3, "cpu_ms": t["cpu_s"] * 1e3,
-            "gflop_per_step": flops / 1e9, "gflops": flops / t["wall_s"] / 1e9}
+            "gflop_per_step": flops / 1e9, "gflops": flops / t["wall_s"] / 1e9, "tensor_peak_mb": peak_tensor_mb(step)}
 
 
 def _to(batch: Any, dev: torch.device) -> Any:
