@@ -29,10 +29,11 @@ imported torch and MONAI once (:func:`isolated`), so that no earlier case's memo
 peak is the child's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
 when the case starts) above its resident set at that moment: model, optimizer state, inputs and
 activations, not the imports, but also thread pools, allocator arenas and library scratch space, which
-move it by 20-30 MB from run to run. So sections 2 and 3 also report ``tensor_peak_mb`` (:func:`peak_tensor_mb`):
-the peak of the tensor memory one step allocates, what ``torch.cuda.max_memory_allocated`` counts on a
-GPU, the same in every run; section 3's memory target compares it. Times are medians of wall-clock seconds; CPU seconds (all threads of the
-process) are reported beside them, since a shared machine makes wall times pessimistic.
+move it by 20-30 MB from run to run. So sections 2 and 3 also report ``tensor_peak_mb``
+(:func:`peak_tensor_mb`): the peak of the tensor memory one step allocates, what
+``torch.cuda.max_memory_allocated`` counts on a GPU, the same in every run; section 3's memory target
+compares it. Times are medians of wall-clock seconds; CPU seconds (all threads of the process) are
+reported beside them, since a shared machine makes wall times pessimistic.
 """
 
 from __future__ import annotations

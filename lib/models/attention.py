@@ -13,7 +13,9 @@ bf16, heads of 32 channels, measured side by side::
     [4, 4, 1024]             56.5    169.4    102.9
 
 The families' attention over pooled token grids, small spatial maps and patch tokens is of the short
-kind. :func:`attention` is SDPA with that choice made, for the project's own attention code;
+kind. :func:`attention` is SDPA with that choice made (:func:`explicit_attention` is the explicit form,
+which the denoiser's temporal attention, always over a few frames, uses on every device), for the
+project's own attention code;
 :func:`route_short_sequences` makes the same choice for MONAI ``SABlock`` s (their einsum path or their
 SDPA call). Either changes nothing in float32 or on a GPU: SDPA runs, as before.
 
@@ -31,9 +33,18 @@ import torch.nn.functional as F
 SHORT_SEQUENCE = 128  # tokens; up to here matmul-softmax-matmul beats SDPA in bf16 on the CPU (measured)
 
 
+def _on_cpu_under_autocast(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 def explicit_attention_wanted(x: torch.Tensor, tokens: int) -> bool:
     """True when ``x`` is on a CPU under autocast and the attention spans at most :data:`SHORT_SEQUENCE` tokens."""
-    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and tokens <= SHORT_SEQUENCE
+    return _on_cpu_under_autocast(x) and tokens <= SHORT_SEQUENCE
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(channels)) v as matmul-softmax-matmul (``[..., tokens, channels]``)."""
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -41,7 +52,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     as matmul-softmax-matmul in the autocast dtype where :func:`explicit_attention_wanted` says so for the
     longer of the query and key sequences."""
     if explicit_attention_wanted(q, max(q.shape[-2], k.shape[-2])):
-        return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+        return explicit_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -66,7 +77,7 @@ def contiguous_under_cpu_autocast(x: torch.Tensor) -> torch.Tensor:
     contiguous), and on a GPU nothing is known to be slow: there the layout stays. Values are those of
     the other layout up to float rounding (the layers after it sum in another order).
     """
-    return x.contiguous() if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") else x
+    return x.contiguous() if _on_cpu_under_autocast(x) else x
 
 
 def contiguous_outputs(model: torch.nn.Module, block_type: type) -> int:
