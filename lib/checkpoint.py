@@ -21,6 +21,7 @@ the previous good checkpoint to offer instead.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import pickletools
 import random
@@ -34,7 +35,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from lib.runs import atomic_path
+from lib.atomic import atomic_path
 
 FORMAT = "lib.train/1"
 
@@ -233,3 +234,64 @@ def set_rng(state: dict, generators: Iterable[torch.Generator] = ()) -> None:
         g.set_state(s)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+# --------------------------------------------------------------------------- the 03_pretrain encoder
+# ``<run>/encoder.pt``: {"format": ENCODER_FORMAT, "config": WaveFormer3D's constructor arguments,
+# "state_dict": its weights, "meta": free-form (notebook, run id, preset, epoch, ...)}.
+
+ENCODER_FORMAT = "lib.models.pretrainer/encoder-1"  # the name stays: encoder.pt files of earlier runs carry it
+
+
+def save_encoder(encoder: torch.nn.Module, path: str | os.PathLike, **meta: Any) -> Path:
+    """Write ``{"format", "config", "state_dict", "meta"}`` (see the module docstring) atomically."""
+    from lib.models.waveformer import WaveFormer3D
+
+    if not isinstance(encoder, WaveFormer3D):
+        raise ValueError(f"save_encoder: expected a WaveFormer3D, got {type(encoder).__name__}")
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    return save(path, {"format": ENCODER_FORMAT, "config": dict(encoder.config), "state_dict": state,
+                            "meta": plain(meta)})
+
+
+def _encoder_args(config: Mapping[str, Any]) -> dict[str, Any]:
+    from lib.config import args_for
+    from lib.models.waveformer import WaveFormer3D
+
+    return args_for(WaveFormer3D, config)
+
+
+def load_encoder(path: str | os.PathLike, map_location: Any = "cpu") -> torch.nn.Module:
+    """The pre-trained WaveFormer3D of a 03_pretrain run, frozen, for feature extraction.
+
+    ``path``: a run folder (reads its ``encoder.pt``), an ``encoder.pt``, or a ``lib.train`` checkpoint of
+    the pretrainer (``checkpoints/last.pt`` / ``best.pt``: its EMA weights if it has them, and the
+    constructor arguments from its stored configuration). Loaded with ``weights_only=True``.
+
+    Returns the encoder in eval mode with ``requires_grad_(False)``; ``encoder(x)`` with ``x``
+    [B, 1 or 3, D, H, W] (multiples of ``encoder.patch_size``) returns the list of the ``depth`` block
+    feature maps [B, E, D/p, H/p, W/p] (the last one layer-normalised).
+    """
+    from lib.models.waveformer import WaveFormer3D
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "encoder.pt"
+    obj = load(path, map_location=map_location)
+    kind = obj.get("format") if isinstance(obj, dict) else None
+    if kind == ENCODER_FORMAT:
+        config, state = obj["config"], obj["state_dict"]
+    elif kind == FORMAT:
+        prefix = "module.encoder." if obj.get("ema") is not None else "encoder."
+        weights = obj["ema"] if obj.get("ema") is not None else obj["model"]
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        config = _encoder_args(obj["config"])
+        if not state:
+            raise CheckpointError(f"{path}: a lib.train checkpoint without encoder weights (not a 03_pretrain run)")
+    else:
+        raise CheckpointError(f"{path}: not an encoder checkpoint (format {kind!r}); expected "
+                                   f"{ENCODER_FORMAT!r} or a lib.train checkpoint of 03_pretrain")
+    config = {**_encoder_args(config), "return_intermediate": True, "grad_checkpointing": False}
+    encoder = WaveFormer3D(**config)
+    encoder.load_state_dict(state)
+    encoder.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
+    return encoder.eval().requires_grad_(False)

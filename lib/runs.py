@@ -26,8 +26,6 @@ import platform
 import random
 import secrets
 import subprocess
-import sys
-import tempfile
 import time
 import traceback
 from importlib import metadata
@@ -38,77 +36,12 @@ import numpy as np
 
 from lib import config as _config
 from lib import paths
+from lib.atomic import _json_default, atomic_path, save_figure, write_csv, write_json, write_text  # noqa: F401  (re-exported)
 
 RUN_ID_ENV = "MEDIMG_RUN_ID"
 INDEX_COLUMNS = ["run_id", "notebook", "preset", "status", "seed", "device", "git_commit", "git_dirty",
                  "start_time", "end_time", "wall_time_s", "path"]
 _VERSIONED = ["torch", "monai", "numpy", "nibabel", "pydicom", "papermill", "medimg-lib"]
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a result file gets the usual mode
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    # Serialise first: an unserialisable object must fail before anything touches the disk.
-    return write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def write_csv(path: str | os.PathLike, rows: Any) -> Path:
-    """``rows``: a pandas DataFrame or a list of dicts (columns in first-seen order)."""
-    if hasattr(rows, "to_csv"):
-        return write_text(path, rows.to_csv(index=False))
-    rows = list(rows)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(path, buf.getvalue())
-
-
-def save_figure(path: str | os.PathLike, fig: Any, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG, atomically."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    return Path(path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if type(obj).__module__.startswith("torch"):
-        return str(obj)  # torch.device, torch.dtype
-    raise TypeError(f"cannot write {type(obj).__name__} {obj!r} to JSON")
 
 
 # --------------------------------------------------------------------------- seeding

@@ -1,14 +1,11 @@
 """The project's results table: one row per (family, task, metric), each beside its baseline.
 
-Every training notebook scores its model on the test split and saves the scores in its run folder
-(03: ``heldout_reconstruction.csv``, 04: ``scores_per_series.csv``, 05: ``test_scores.csv`` and
-``test_pairs.csv``); :data:`READERS` turn those files into rows with the keys of :data:`ROW_KEYS`. A run
-may also write its rows directly as ``heldout_metrics.json`` (06 does). Each family has exactly one
-headline row; a baseline whose name says ``ceiling`` is an upper bound, and the verdict says how far
-short of it the model stays. 07_evaluate collects the latest
-completed run of each family for a preset (or the run ids it is given), adds what it evaluates itself
-(the SSL downstream comparison), and writes ``results/summary.csv`` and ``results/summary.md``. A
-family without a usable run gets a row saying ``missing``, never silence.
+Every training notebook scores its model on the test split through its family's ``evaluate``, which
+writes ``heldout_metrics.json`` in the run folder (:mod:`lib.families.results` holds the schema). The
+families and their questions come from the registry, :mod:`lib.families`. 07_evaluate collects the
+latest completed run of each family for a preset (or the run ids it is given), adds what it evaluates
+itself (the SSL downstream comparison), and writes ``results/summary.csv`` and ``results/summary.md``.
+A family without a usable run gets a row saying ``missing``, never silence.
 """
 
 from __future__ import annotations
@@ -21,18 +18,12 @@ from typing import Any
 
 import pandas as pd
 
-from lib import paths
+from lib import families, paths
+from lib.families import results
 from lib.runs import read_index, write_csv, write_text
 
-FAMILIES = {  # family -> (training notebook, the headline question)
-    "ssl_pretraining": ("03_pretrain", "does pre-training make the downstream task better than training from scratch?"),
-    "ct_diffusion": ("04_ct_diffusion", "does the translation beat copying the input where contrast changes it?"),
-    "cxr_change": ("05_cxr_change", "does the model find changed pixels better than subtraction?"),
-    "xray_to_ct": ("06_xray_to_ct", "does the reconstruction beat the mean training volume?"),
-}
-ROW_KEYS = ["family", "task", "metric", "headline", "higher_is_better", "value", "baseline", "baseline_value",
-            "split", "n", "preset", "run_id", "seeds"]
-METRICS_FILE = "heldout_metrics.json"
+METRICS_FILE = results.METRICS_FILE
+ROW_KEYS = results.ROW_KEYS
 
 
 def latest_run(notebook: str, preset: str, run_id: str | None = None,
@@ -52,63 +43,6 @@ def latest_run(notebook: str, preset: str, run_id: str | None = None,
     return root / done[-1]["path"] if done else None
 
 
-def _row(task, metric, value, baseline, baseline_value, higher_is_better, n, headline=False, split="test"):
-    return {"task": task, "metric": metric, "headline": headline, "higher_is_better": higher_is_better,
-            "value": round(float(value), 4), "baseline": baseline,
-            "baseline_value": "" if baseline_value == "" else round(float(baseline_value), 4),
-            "split": split, "n": "" if n == "" or pd.isna(n) else int(n), "seeds": ""}
-
-
-def _ssl_rows(run_dir: Path) -> list[dict]:
-    t = pd.read_csv(run_dir / "heldout_reconstruction.csv")
-    return [_row("masked-patch reconstruction", f"per-patch-normalised MSE on masked patches, {r['modality']}",
-                 r["pretrained"], "predicting the mean patch", r["mean patch"], False, n=r.get("volumes", ""))
-            for _, r in t.iterrows()]
-
-
-def _diffusion_rows(run_dir: Path) -> list[dict]:
-    t = pd.read_csv(run_dir / "scores_per_series.csv")
-    by = {name: g for name, g in t.groupby("comparison")}
-    model, identity, ceiling = by["translation"], by["identity"], by["vae_ceiling"]
-
-    def pooled(g):
-        return float((g["mae_changed_hu"] * g["changed_voxels"]).sum() / g["changed_voxels"].sum())
-
-    n = len(model)
-    task = "non-contrast -> contrast chest CT series"
-    mae = "MAE (HU) over voxels the contrast changes by > 100 HU"
-    return [_row(task, mae, pooled(model), "identity (input copied)", pooled(identity), False, n, headline=True),
-            _row(task, mae, pooled(model), "VAE round trip of the target (ceiling)", pooled(ceiling), False, n),
-            _row(task, "PSNR (dB), diffusion window [-1, 1], data range 2", model["psnr_db"].mean(),
-                 "identity (input copied)", identity["psnr_db"].mean(), True, n),
-            _row(task, "SSIM (2D per frame, averaged)", model["ssim"].mean(), "identity (input copied)",
-                 identity["ssim"].mean(), True, n),
-            _row(task, "PSNR (dB), diffusion window [-1, 1], data range 2", model["psnr_db"].mean(),
-                 "VAE round trip of the target (ceiling)", ceiling["psnr_db"].mean(), True, n)]
-
-
-def _cxr_rows(run_dir: Path) -> list[dict]:
-    t = pd.read_csv(run_dir / "test_scores.csv").set_index("method")
-    task, m, b = "signed change map of a radiograph pair", t.loc["model"], t.loc["subtraction"]
-    base = "naive subtraction (threshold chosen on val)"
-    n_all = n_changed = n_nuisance = ""
-    if (run_dir / "test_pairs.csv").is_file():
-        pairs = pd.read_csv(run_dir / "test_pairs.csv")
-        n_all, n_nuisance = len(pairs), int(pairs["nuisance_only"].astype(bool).sum())
-        n_changed = n_all - n_nuisance
-    return [_row(task, "Dice on changed pixels (mean over pairs with change)", m["dice"], base, b["dice"], True,
-                 n_changed, headline=True),
-            _row(task, "pixel AUC of |change| (all pixels of all pairs)", m["pixel_auc"], base, b["pixel_auc"],
-                 True, n_all),
-            _row(task, "false-positive area on nuisance-only pairs (fraction of pixels)", m["fp_area"], base,
-                 b["fp_area"], False, n_nuisance)]
-
-
-READERS = {"ssl_pretraining": ("heldout_reconstruction.csv", _ssl_rows),
-           "ct_diffusion": ("scores_per_series.csv", _diffusion_rows),
-           "cxr_change": ("test_scores.csv", _cxr_rows)}
-
-
 def _run_seed(run_dir: Path) -> str:
     try:
         seed = json.loads((run_dir / "run.json").read_text()).get("seed")
@@ -119,20 +53,17 @@ def _run_seed(run_dir: Path) -> str:
 
 def run_rows(family: str, run_dir: Path | None, preset: str) -> list[dict[str, Any]]:
     """The held-out rows a family's run recorded, or one ``missing`` row saying why there are none."""
-    notebook, _ = FAMILIES[family]
+    notebook = families.get(family).notebook
     reason, rows = None, []
     if run_dir is None:
         reason = f"no completed {notebook} run at preset {preset}"
-    elif (run_dir / METRICS_FILE).is_file():
-        rows = json.loads((run_dir / METRICS_FILE).read_text())
-    elif family in READERS and (run_dir / READERS[family][0]).is_file():
-        try:
-            rows = READERS[family][1](run_dir)
-        except (KeyError, ValueError) as e:
-            reason = f"run {run_dir.name}: {READERS[family][0]} unreadable ({type(e).__name__}: {e})"
+    elif not (run_dir / METRICS_FILE).is_file():
+        reason = f"run {run_dir.name} wrote no {METRICS_FILE}"
     else:
-        files = " nor ".join([METRICS_FILE] + ([READERS[family][0]] if family in READERS else []))
-        reason = f"run {run_dir.name} wrote {'neither ' if family in READERS else 'no '}{files}"
+        try:
+            rows = results.read_heldout(run_dir)
+        except ValueError as e:
+            reason = f"run {run_dir.name}: {METRICS_FILE} unusable ({e})"
     if reason:
         return [{**dict.fromkeys(ROW_KEYS, ""), "family": family, "task": "missing", "metric": reason,
                  "headline": False, "preset": preset}]
@@ -166,7 +97,7 @@ def write_summary(rows: list[dict[str, Any]], results_root: str | os.PathLike | 
     """Write ``summary.csv`` and ``summary.md`` under the results root; returns the table."""
     root = Path(results_root or paths.results_dir())
     table = pd.DataFrame(rows, columns=ROW_KEYS)
-    order = {family: i for i, family in enumerate(FAMILIES)}
+    order = {family: i for i, family in enumerate(families.FAMILIES)}
     table = table.sort_values("family", key=lambda f: f.map(order), kind="stable").reset_index(drop=True)
     for family, sub in table[table["task"] != "missing"].groupby("family"):
         heads = sub.loc[sub["headline"].map(is_true), "metric"].tolist()
@@ -177,7 +108,7 @@ def write_summary(rows: list[dict[str, Any]], results_root: str | os.PathLike | 
     lines = ["# Results summary", "",
              "One row per (family, task, metric) on the held-out split, beside its baseline. "
              "Headline rows answer each family's question; nothing here was tuned on the test split.", ""]
-    for family, (notebook, question) in FAMILIES.items():
+    for family, (notebook, question) in ((f.name, (f.notebook, f.question)) for f in families.FAMILIES.values()):
         sub = table[table["family"] == family]
         lines += [f"## {family} ({notebook})", "", f"Question: {question}", ""]
         if (sub["task"] == "missing").any():

@@ -195,7 +195,7 @@ def save_gif(frames, path, fps: int = 4, vmin: float | None = None, vmax: float 
     import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    from lib.runs import atomic_path
+    from lib.atomic import atomic_path
 
     frames = [np.asarray(f, np.float32) for f in frames]
     if not frames:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lib import paths
-from lib.runs import atomic_path, write_json
+from lib.atomic import atomic_path, write_json
 
 CACHE_VERSION = 1
 

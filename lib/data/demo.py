@@ -81,7 +81,7 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, dtype=np.int1
 
     import nibabel as nib
 
-    from lib.runs import atomic_path
+    from lib.atomic import atomic_path
 
     stored = np.round(np.asarray(array, np.float64) / slope)
     info = np.iinfo(dtype)
@@ -95,7 +95,7 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, dtype=np.int1
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from lib.runs import atomic_path
+    from lib.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -234,7 +234,7 @@ def build(out: str | Path, size: str = "demo", seed: int = 0, progress: bool = T
     """Build the cohort into ``out`` (replacing a previous build there); returns the ``cohort.json`` dict."""
     from tqdm.auto import tqdm
 
-    from lib.runs import write_csv, write_json
+    from lib.atomic import write_csv, write_json
 
     if size not in SIZES:
         raise ValueError(f"unknown cohort size {size!r}; valid sizes: {', '.join(SIZES)}")

@@ -270,7 +270,7 @@ def save_volume(volume_or_array: Volume | np.ndarray, path: str | os.PathLike,
     """
     import nibabel as nib
 
-    from lib.runs import atomic_path
+    from lib.atomic import atomic_path
 
     path = Path(path)
     if not path.name.lower().endswith(NIFTI_SUFFIXES):

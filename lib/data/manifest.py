@@ -165,7 +165,7 @@ def rows_for_cohort(out: str | os.PathLike, size: str) -> list[dict[str, str]]:
 
 def replace_rows(dataset_prefix: str, rows: list[dict[str, str]], path: str | os.PathLike | None = None) -> None:
     """Replace the manifest rows whose dataset starts with ``dataset_prefix`` by ``rows`` (atomically)."""
-    from lib.runs import write_csv
+    from lib.atomic import write_csv
 
     path = Path(path or paths.MANIFEST)
     df = load_manifest(path)

@@ -26,33 +26,24 @@ Why not the research notes' objective (reconstruct the backbone's own features a
 an unmasked input): that target moves with the encoder and is met by collapsing the features, and an
 encoder that saw the input cannot learn to infer what was hidden. Voxel targets cannot collapse.
 
-Checkpoint of the encoder (``save_encoder``; what ``03_pretrain`` writes as ``<run>/encoder.pt``)::
-
-    {"format": "lib.models.pretrainer/encoder-1",
-     "config": {WaveFormer3D constructor arguments},
-     "state_dict": WaveFormer3D state_dict,
-     "meta": {free-form: notebook, run id, preset, epoch, ...}}
-
-written atomically by :func:`lib.checkpoint.save`, read by :func:`load_encoder` with
-``weights_only=True`` (which also accepts a run folder or a ``lib.train`` checkpoint of the pretrainer).
+The encoder's checkpoint (``encoder.pt``) is written and read by :mod:`lib.checkpoint`
+(``save_encoder`` / ``load_encoder``).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lib.config import args_for
 from lib.losses.contrastive import SpatialInfoNCE
 from lib.losses.masking import MiMHierarchicalMasking, MiMMasks
 from lib.models.waveformer import IN_CHANNELS, WaveFormer3D
 
-ENCODER_FORMAT = "lib.models.pretrainer/encoder-1"
 EVAL_SEED = 20250  # masks of eval_step: the same for every validation, so val losses compare
 
 
@@ -301,18 +292,11 @@ class WaveFormerSparKMiMPretrainer(nn.Module):
             pred=pred, target=target, masks=masks, features=maps)
 
 
-def _args_of(cls: type, config: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
-    import inspect
-
-    names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", *skip)]
-    return {n: config[n] for n in names if n in config}
-
-
 def build_pretrainer(config: Mapping[str, Any]) -> WaveFormerSparKMiMPretrainer:
     """A pretrainer whose encoder and heads take the same-named keys of ``config`` (others are ignored),
     e.g. a notebook's resolved configuration."""
-    return WaveFormerSparKMiMPretrainer(WaveFormer3D(**_encoder_args(config)),
-                                        **_args_of(WaveFormerSparKMiMPretrainer, config, skip=("encoder",)))
+    return WaveFormerSparKMiMPretrainer(WaveFormer3D(**args_for(WaveFormer3D, config)),
+                                        **args_for(WaveFormerSparKMiMPretrainer, config, skip=("encoder",)))
 
 
 # --------------------------------------------------------------------------- steps for lib.train.fit
@@ -430,57 +414,3 @@ def reconstruction_example(model: WaveFormerSparKMiMPretrainer, x: torch.Tensor,
     mask = out.masks.masked.float().reshape(x.shape[0], -1, 1).expand(-1, -1, c * p ** 3)
     return {"input": x, "mask": unpatchify(mask, c, p, grid), "reconstruction": unpatchify(filled, c, p, grid),
             "recon": out.recon}
-
-
-# --------------------------------------------------------------------------- the encoder checkpoint
-
-def save_encoder(encoder: WaveFormer3D, path: str | os.PathLike, **meta: Any) -> Path:
-    """Write ``{"format", "config", "state_dict", "meta"}`` (see the module docstring) atomically."""
-    from lib import checkpoint as ckpt
-
-    if not isinstance(encoder, WaveFormer3D):
-        raise ValueError(f"save_encoder: expected a WaveFormer3D, got {type(encoder).__name__}")
-    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    return ckpt.save(path, {"format": ENCODER_FORMAT, "config": dict(encoder.config), "state_dict": state,
-                            "meta": ckpt.plain(meta)})
-
-
-def _encoder_args(config: Mapping[str, Any]) -> dict[str, Any]:
-    return _args_of(WaveFormer3D, config)
-
-
-def load_encoder(path: str | os.PathLike, map_location: Any = "cpu") -> WaveFormer3D:
-    """The pre-trained WaveFormer3D of a 03_pretrain run, frozen, for feature extraction.
-
-    ``path``: a run folder (reads its ``encoder.pt``), an ``encoder.pt``, or a ``lib.train`` checkpoint of
-    the pretrainer (``checkpoints/last.pt`` / ``best.pt``: its EMA weights if it has them, and the
-    constructor arguments from its stored configuration). Loaded with ``weights_only=True``.
-
-    Returns the encoder in eval mode with ``requires_grad_(False)``; ``encoder(x)`` with ``x``
-    [B, 1 or 3, D, H, W] (multiples of ``encoder.patch_size``) returns the list of the ``depth`` block
-    feature maps [B, E, D/p, H/p, W/p] (the last one layer-normalised).
-    """
-    from lib import checkpoint as ckpt
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "encoder.pt"
-    obj = ckpt.load(path, map_location=map_location)
-    kind = obj.get("format") if isinstance(obj, dict) else None
-    if kind == ENCODER_FORMAT:
-        config, state = obj["config"], obj["state_dict"]
-    elif kind == ckpt.FORMAT:
-        prefix = "module.encoder." if obj.get("ema") is not None else "encoder."
-        weights = obj["ema"] if obj.get("ema") is not None else obj["model"]
-        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        config = _encoder_args(obj["config"])
-        if not state:
-            raise ckpt.CheckpointError(f"{path}: a lib.train checkpoint without encoder weights (not a 03_pretrain run)")
-    else:
-        raise ckpt.CheckpointError(f"{path}: not an encoder checkpoint (format {kind!r}); expected "
-                                   f"{ENCODER_FORMAT!r} or a lib.train checkpoint of 03_pretrain")
-    config = {**_encoder_args(config), "return_intermediate": True, "grad_checkpointing": False}
-    encoder = WaveFormer3D(**config)
-    encoder.load_state_dict(state)
-    encoder.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
-    return encoder.eval().requires_grad_(False)

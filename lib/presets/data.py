@@ -1,0 +1,32 @@
+"""Parameters and presets of 01_explore_data and 02_prepare_data: see :mod:`lib.config` for what a preset is."""
+
+from lib.config import Param, _spec
+
+NB_01 = _spec(
+    "manifest status and a look at the local image files",
+    {
+        "max_files": Param(400, int, "at most this many local image files have their headers read"),
+        "n_preview": Param(8, int, "middle slices shown in the preview grid"),
+        "hist_files": Param(3, int, "files per dataset and modality whose intensities are histogrammed"),
+    },
+    smoke={"max_files": 100, "n_preview": 4, "hist_files": 1},
+    demo={},
+    subset={"max_files": 2000, "n_preview": 12},
+    prod={"max_files": 10000, "n_preview": 12, "hist_files": 5},
+)
+
+NB_02 = _spec(
+    "build or fetch, verify, preprocess and cache the data",
+    {
+        "cohort": Param("demo", str, "built-in cohort size to build and prepare (lib.data.demo)", ("smoke", "demo")),
+        "rebuild": Param(False, bool, "rebuild the cohort even if it verifies against data_manifest.csv"),
+        "fetch": Param("", str, "comma-separated real datasets of data_manifest.csv to download (opt-in; needs credentials)"),
+        "spacing": Param(None, (float, type(None)), "isotropic spacing (mm) of prepared volumes; None keeps the grid"),
+        "prep_size": Param(64, int, "prepared volumes are centre-cropped or padded to this size (voxels per axis)"),
+        "throughput_files": Param(24, int, "volumes read to measure decoding .nii.gz against the cache"),
+    },
+    smoke={"cohort": "smoke", "prep_size": 48, "throughput_files": 4},
+    demo={},
+    subset={"spacing": 1.5, "prep_size": 128},
+    prod={"spacing": 1.0, "prep_size": 160},
+)

@@ -1,0 +1,28 @@
+"""Parameters and presets of 07_evaluate and 08_visualize: see :mod:`lib.config` for what a preset is."""
+
+from lib.config import Param, _spec
+
+NB_07 = _spec(
+    "held-out numbers of every family against its baseline -> results/summary.csv and summary.md",
+    {
+        "cohort": Param("demo", str, "built-in cohort of the downstream comparison", ("smoke", "demo")),
+        "run_03": Param("", str, "run id of 03_pretrain to evaluate; '' = latest completed at this preset"),
+        "run_04": Param("", str, "run id of 04_ct_diffusion; '' = latest completed at this preset"),
+        "run_05": Param("", str, "run id of 05_cxr_change; '' = latest completed at this preset"),
+        "run_06": Param("", str, "run id of 06_xray_to_ct; '' = latest completed at this preset"),
+        "downstream_seeds": Param(3, int, "seeds of the SSL downstream comparison (scratch vs pre-trained)"),
+        "downstream_epochs": Param(8, int, "epochs of each downstream training (same budget for both arms)"),
+        "downstream_size": Param(32, int, "input size (voxels per axis) of the downstream task"),
+    },
+    smoke={"cohort": "smoke", "downstream_seeds": 2, "downstream_epochs": 1, "downstream_size": 16},
+    demo={},
+    subset={"downstream_seeds": 5, "downstream_epochs": 30},
+    prod={"downstream_seeds": 5, "downstream_epochs": 50, "downstream_size": 64},
+)
+
+NB_08 = _spec(
+    "figures of every family and interactive viewers -> results/figures/",
+    {"gif_frames": Param(16, int, "frames of the animated CT series GIF"),
+     "cohort": Param("demo", str, "built-in cohort whose images the viewers show", ("smoke", "demo"))},
+    smoke={"gif_frames": 4, "cohort": "smoke"}, demo={}, subset={}, prod={},
+)
