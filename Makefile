@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lab bench install clean-venv
+.PHONY: demo test test-fast lab bench install clean-venv
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Python 3.11 is needed; found " + sys.version.split()[0] + " at $(PYTHON) (set PYTHON=/path/to/python3.11)")'
@@ -30,6 +30,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m lib.data.demo --size smoke --ensure --quiet
 	PRESET=smoke $(BIN)/python -m pytest --nbval-lax tests notebooks
+
+# The quick lane while working: the unit tests without the slow ones (no notebook runs, no browser).
+test-fast: $(STAMP)
+	$(BIN)/python -m lib.data.demo --size smoke --ensure --quiet
+	PRESET=smoke $(BIN)/python -m pytest -m "not slow" tests
 
 # Measured speed and memory (results/benchmarks/<timestamp>.json and README.md); run it on an idle machine.
 bench: $(STAMP)

@@ -22,3 +22,34 @@ if "MEDIMG_RESULTS_DIR" not in os.environ:
 def pytest_unconfigure(config):
     if _TEMP_RESULTS:
         shutil.rmtree(_TEMP_RESULTS, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each notebook runs once per session, and notebook runs count as slow.
+
+    ``make test`` collects the notebooks twice: nbval executes them (``--nbval-lax ... notebooks``) and
+    ``tests/test_notebooks.py`` executes them with papermill from another working directory. When nbval
+    executes a notebook in this session, its papermill run is deselected (and the terminal summary says
+    so); run ``pytest tests/test_notebooks.py`` alone for the papermill runs. nbval's cells are marked
+    ``slow``, so ``-m "not slow"`` (``make test-fast``) leaves every notebook out.
+    """
+    import pytest
+
+    by_nbval = set()
+    for item in items:
+        if type(item).__module__.startswith("nbval"):
+            item.add_marker(pytest.mark.slow)
+            by_nbval.add(item.path.stem)
+    twice = [item for item in items if item.get_closest_marker("executes_notebook")
+             and item.callspec.params.get("path") is not None and item.callspec.params["path"].stem in by_nbval]
+    if twice:
+        config.hook.pytest_deselected(items=twice)
+        items[:] = [item for item in items if item not in twice]
+        config._medimg_deselected = sorted(item.callspec.params["path"].stem for item in twice)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    names = getattr(config, "_medimg_deselected", [])
+    if names:
+        terminalreporter.write_line(f"papermill runs deselected, nbval runs these notebooks in this session: "
+                                    f"{', '.join(names)}")

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lib.data.transforms import oriented_slice  # noqa: F401  (re-exported: notebooks call viz.oriented_slice)
+
 
 def slice_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 4,
                percentiles: tuple[float, float] = (1.0, 99.0), size: float = 3.0):
@@ -85,16 +87,6 @@ def _window_limits(volume: np.ndarray, name: str) -> tuple[float, float]:
         return float(lo), float(hi if hi > lo else lo + 1)
     c, w = VIEW_WINDOWS[name]
     return c - w / 2, c + w / 2
-
-
-def oriented_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """A 2D view of a RAS ``[X, Y, Z]`` volume in radiological display (patient right on the left):
-    axis 2 axial (anterior up), 1 coronal and 0 sagittal (superior up)."""
-    if axis == 2:
-        return volume[::-1, ::-1, index].T
-    if axis == 1:
-        return volume[::-1, index, ::-1].T
-    return volume[index, ::-1, ::-1].T
 
 
 def slice_viewer(volume: np.ndarray, window: str = "auto", title: str = "", overlay: np.ndarray | None = None,

@@ -1,7 +1,8 @@
 """JupyterLab in a real browser: run a notebook, move a viewer's slice slider, see the image change.
 
 Headless Debian Chromium driven by Playwright (``.ci/run`` installs Chromium; the README says how).
-Screenshots land in ``results/ui/`` of the repository. The server and the browser are stopped in
+Screenshots land in ``ui/`` of the results root (``$MEDIMG_RESULTS_DIR``: a temporary folder under pytest,
+so a test run writes nothing into the repository). The server and the browser are stopped in
 every outcome.
 """
 
@@ -23,7 +24,12 @@ from lib import paths
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (apt-get install chromium)")]
-UI = paths.ROOT / "results" / "ui"
+
+
+def _ui_dir() -> Path:
+    ui = paths.results_dir() / "ui"
+    ui.mkdir(parents=True, exist_ok=True)
+    return ui
 
 
 def _free_port() -> int:
@@ -123,7 +129,7 @@ def _run_and_slide(lab, browser, notebook: str, name: str) -> float:
         image().wait_for(timeout=60_000)
         page.get_by_text("| Idle").first.wait_for(timeout=180_000)  # every cell has run: nothing redraws now
         image().scroll_into_view_if_needed()
-        UI.mkdir(parents=True, exist_ok=True)
+        UI = _ui_dir()
         before, after = UI / f"{name}_before.png", UI / f"{name}_after.png"
         _screenshot(image, before)
         slider.focus()
@@ -140,7 +146,7 @@ def _run_and_slide(lab, browser, notebook: str, name: str) -> float:
         page.screenshot(path=str(UI / f"{name}_page.png"), full_page=False)
         return diff
     except Exception:
-        UI.mkdir(parents=True, exist_ok=True)
+        UI = _ui_dir()
         page.screenshot(path=str(UI / f"{name}_failure.png"))
         raise
     finally:

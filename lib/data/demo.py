@@ -344,7 +344,7 @@ def examples(root: str | Path, subject: str = "sub-000", pair: str | None = None
     import nibabel as nib
 
     from lib.data.transforms import WINDOWS, window
-    from lib.viz import oriented_slice
+    from lib.data.transforms import oriented_slice
 
     root = Path(root)
 

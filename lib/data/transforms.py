@@ -207,3 +207,13 @@ def random_crop(array: np.ndarray | Volume, size: Sequence[int], rng: np.random.
         return out
     shift = [st - ((s - n) // 2 if s > n else 0) for st, s, n in zip(starts, size, spatial)]
     return replace(array, array=out, affine=_shift_affine(array.affine, shift), meta=dict(array.meta))
+
+
+def oriented_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """A 2D view of a RAS ``[X, Y, Z]`` volume in radiological display (patient right on the left):
+    axis 2 axial (anterior up), 1 coronal and 0 sagittal (superior up)."""
+    if axis == 2:
+        return volume[::-1, ::-1, index].T
+    if axis == 1:
+        return volume[::-1, index, ::-1].T
+    return volume[index, ::-1, ::-1].T
