@@ -165,6 +165,28 @@ def test_shuffled_series_is_sorted_and_placed(tmp_path):
     np.testing.assert_allclose(again.affine, vol.affine)
 
 
+@pytest.mark.parametrize("numbering", ["reversed", "shuffled"])
+def test_slices_follow_position_not_instance_number(tmp_path, numbering):
+    """Scanners number slices head-first or feet-first, and reconstructions renumber: the order of the
+    volume must come from ImagePositionPatient along the normal, never from InstanceNumber."""
+    n = 6
+    numbers = list(range(n, 0, -1)) if numbering == "reversed" else [3, 6, 1, 5, 2, 4]
+
+    def renumber(k, ds):
+        ds.InstanceNumber = numbers[k]
+
+    files = write_series(tmp_path / "s", edit=renumber, seed=5)
+    vol = read_series(tmp_path / "s")
+    # slice k (k-th along the normal) carries +MARK*k whatever its InstanceNumber says
+    diffs = vol.array[0] - vol.array[0, :, :, :1]
+    np.testing.assert_array_equal(diffs, np.broadcast_to(MARK * np.arange(n), diffs.shape))
+    assert vol.meta["files"] == [f.name for f in files]
+    by_number = [f.name for _, f in sorted(zip(numbers, files))]
+    assert vol.meta["files"] != by_number  # the test would catch a sort by InstanceNumber
+    got, want = expected_at(vol, files, n=300)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_oblique_series_with_gantry_tilt(tmp_path):
     """MR_small slices with the oblique orientation of pydicom-data's MR2_UNCR, stepped along the normal
     and sideways (a tilt): the affine must be sheared, and every voxel land where DICOM puts it."""
