@@ -69,6 +69,7 @@ def _execute(path, out, **parameters):
 
 
 @pytest.mark.slow
+@pytest.mark.executes_notebook  # deselected where nbval runs the same notebook (conftest.py)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
 def test_runs_at_smoke_from_another_working_directory(path, tmp_path, monkeypatch):
     elsewhere, results = tmp_path / "elsewhere", tmp_path / "results"
