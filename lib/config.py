@@ -43,6 +43,16 @@ class NotebookSpec:
     about: str = ""
 
 
+@dataclass(frozen=True)
+class Family:
+    """A model family (:mod:`lib.families`), declared beside its notebook's presets."""
+
+    name: str       # the family's key in results (summary rows, heldout_metrics.json)
+    module: str     # lib.families.<module> holds its code
+    notebook: str   # the notebook that trains it
+    question: str   # what its headline row answers
+
+
 class Config(dict):
     """A resolved configuration: a plain, JSON-serialisable dict that also allows ``cfg.key``."""
 

@@ -14,6 +14,7 @@ A family is one research question answered by one training notebook. Its module,
   ``heldout_metrics.json`` in the run folder (:mod:`lib.families.results`), the one file that
   :mod:`lib.summary`, 07_evaluate and 08_visualize read.
 
+A family is declared by ``FAMILY = Family(...)`` in its notebook's presets module (:mod:`lib.presets`).
 This module is cheap to import (no torch): :data:`FAMILIES` says which families exist, in report
 order; :func:`load` imports a family's module.
 """
@@ -21,28 +22,12 @@ order; :func:`load` imports a family's module.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
 
+from lib import presets
+from lib.config import Family
 
-@dataclass(frozen=True)
-class Family:
-    name: str       # the family's key in results (summary rows, heldout_metrics.json)
-    module: str     # lib.families.<module>
-    notebook: str   # the notebook that trains it
-    question: str   # what its headline row answers
-
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("ssl_pretraining", "pretrain", "03_pretrain",
-           "does pre-training make the downstream task better than training from scratch?"),
-    Family("ct_diffusion", "ct_diffusion", "04_ct_diffusion",
-           "does the translation beat copying the input where contrast changes it?"),
-    Family("cxr_change", "cxr_change", "05_cxr_change",
-           "does the model find changed pixels better than subtraction?"),
-    Family("xray_to_ct", "xray_to_ct", "06_xray_to_ct",
-           "does the reconstruction beat the mean training volume?"),
-)}
+FAMILIES: dict[str, Family] = {f.name: f for f in presets.FAMILIES}  # in notebook order
 
 
 def get(name: str) -> Family:

@@ -1,15 +1,14 @@
 """Every notebook's parameters and presets, declared once: one module per notebook (or pair of notebooks),
-each readable on one screen (nnU-Net's plans as the example). :mod:`lib.config` resolves them."""
+each readable on one screen (nnU-Net's plans as the example). :mod:`lib.config` resolves them.
 
-from lib.presets import ct_diffusion, cxr_change, data, evaluate, pretrain, xray_to_ct
+A module here declares ``NOTEBOOKS = {"NN_name": _spec(...)}`` and, when its notebook trains a model
+family, ``FAMILY = Family(...)`` (the registry :mod:`lib.families` reads). Modules are found by listing
+this package, so a new notebook or family needs no edit here.
+"""
 
-NOTEBOOKS = {
-    "01_explore_data": data.NB_01,
-    "02_prepare_data": data.NB_02,
-    "03_pretrain": pretrain.NB_03,
-    "04_ct_diffusion": ct_diffusion.NB_04,
-    "05_cxr_change": cxr_change.NB_05,
-    "06_xray_to_ct": xray_to_ct.NB_06,
-    "07_evaluate": evaluate.NB_07,
-    "08_visualize": evaluate.NB_08,
-}
+import importlib
+import pkgutil
+
+_MODULES = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
+NOTEBOOKS = dict(sorted((name, spec) for m in _MODULES for name, spec in m.NOTEBOOKS.items()))
+FAMILIES = sorted((m.FAMILY for m in _MODULES if hasattr(m, "FAMILY")), key=lambda f: f.notebook)

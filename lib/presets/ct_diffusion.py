@@ -1,6 +1,6 @@
 """Parameters and presets of 04_ct_diffusion (the CT series diffusion family): see :mod:`lib.config` for what a preset is."""
 
-from lib.config import Param, _spec
+from lib.config import Family, Param, _spec
 
 NB_04 = _spec(
     "grayscale frame VAE + latent diffusion translating non-contrast into contrast chest CT slice series",
@@ -56,3 +56,7 @@ NB_04 = _spec(
     prod={"vae_epochs": 50, "kl_weight": 1e-7, "adv_weight": 0.1, "epochs": 50, "batch_size": 2, "grad_accum": 16,
           "lr": 1e-4, "warmup_epochs": 1.0, "ema_decay": 0.9999, "num_workers": 4, "time_budget_s": 41400.0},
 )
+
+NOTEBOOKS = {"04_ct_diffusion": NB_04}
+FAMILY = Family(name="ct_diffusion", module="ct_diffusion", notebook="04_ct_diffusion",
+                question="does the translation beat copying the input where contrast changes it?")

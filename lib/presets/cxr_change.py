@@ -1,6 +1,6 @@
 """Parameters and presets of 05_cxr_change (the CXR change-map family): see :mod:`lib.config` for what a preset is."""
 
-from lib.config import Param, _spec
+from lib.config import Family, Param, _spec
 
 NB_05 = _spec(
     "longitudinal chest X-ray change detection",
@@ -45,3 +45,7 @@ NB_05 = _spec(
     prod={"epochs": 100, "batch_size": 4, "grad_accum": 4, "lr": 1e-4, "warmup_epochs": 2.0, "ema_decay": 0.999,
           "mim_epochs": 50, "num_workers": 4},
 )
+
+NOTEBOOKS = {"05_cxr_change": NB_05}
+FAMILY = Family(name="cxr_change", module="cxr_change", notebook="05_cxr_change",
+                question="does the model find changed pixels better than subtraction?")

@@ -30,3 +30,5 @@ NB_02 = _spec(
     subset={"spacing": 1.5, "prep_size": 128},
     prod={"spacing": 1.0, "prep_size": 160},
 )
+
+NOTEBOOKS = {"01_explore_data": NB_01, "02_prepare_data": NB_02}

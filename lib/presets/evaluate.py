@@ -26,3 +26,5 @@ NB_08 = _spec(
      "cohort": Param("demo", str, "built-in cohort whose images the viewers show", ("smoke", "demo"))},
     smoke={"gif_frames": 4, "cohort": "smoke"}, demo={}, subset={}, prod={},
 )
+
+NOTEBOOKS = {"07_evaluate": NB_07, "08_visualize": NB_08}

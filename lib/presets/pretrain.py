@@ -1,6 +1,6 @@
 """Parameters and presets of 03_pretrain (the SSL pre-training family): see :mod:`lib.config` for what a preset is."""
 
-from lib.config import Param, _spec
+from lib.config import Family, Param, _spec
 
 NB_03 = _spec(
     "self-supervised 3D pre-training",
@@ -44,3 +44,7 @@ NB_03 = _spec(
           "batch_size": 8, "ct_batch_size": 4, "lr": 1e-4, "warmup_epochs": 5.0, "num_workers": 4,
           "time_budget_s": 41400.0},
 )
+
+NOTEBOOKS = {"03_pretrain": NB_03}
+FAMILY = Family(name="ssl_pretraining", module="pretrain", notebook="03_pretrain",
+                question="does pre-training make the downstream task better than training from scratch?")

@@ -1,6 +1,6 @@
 """Parameters and presets of 06_xray_to_ct (the X-ray to CT family): see :mod:`lib.config` for what a preset is."""
 
-from lib.config import Param, _spec
+from lib.config import Family, Param, _spec
 
 NB_06 = _spec(
     "biplanar (or N-view) X-ray to 3D CT with HybridCNNViTUNet3D, against the mean training volume",
@@ -38,3 +38,7 @@ NB_06 = _spec(
             "ckpt_every": 5, "num_workers": 2},
     prod={"epochs": 60, "ckpt_every": 5, "num_workers": 4},
 )
+
+NOTEBOOKS = {"06_xray_to_ct": NB_06}
+FAMILY = Family(name="xray_to_ct", module="xray_to_ct", notebook="06_xray_to_ct",
+                question="does the reconstruction beat the mean training volume?")
