@@ -104,6 +104,8 @@ def _spec(about: str, params: dict[str, Param] | None = None, training: bool = F
 
 
 def _spec_of(notebook: str) -> NotebookSpec:
+    from lib.presets import NOTEBOOKS
+
     if notebook not in NOTEBOOKS:
         raise ValueError(f"unknown notebook {notebook!r}; valid notebooks: {', '.join(NOTEBOOKS)}")
     return NOTEBOOKS[notebook]
@@ -203,5 +205,11 @@ def params_from_namespace(namespace: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# The declarations (one module per notebook) need the names above; imported last on purpose.
-from lib.presets import NOTEBOOKS  # noqa: E402
+
+def __getattr__(name: str) -> Any:
+    # ``config.NOTEBOOKS``: the declarations of lib.presets, imported on first use (they import this module).
+    if name == "NOTEBOOKS":
+        from lib.presets import NOTEBOOKS
+
+        return NOTEBOOKS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
