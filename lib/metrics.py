@@ -90,3 +90,127 @@ def auc(scores, labels) -> float:
     if y.all() or not y.any():
         raise ValueError("auc: labels hold a single class; the ROC AUC is undefined")
     return float(roc_auc_score(y, s))
+
+
+def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor,
+                           hu_range: tuple[float, float] = (-1000.0, 1000.0)) -> dict[str, torch.Tensor]:
+    """Per-volume metrics of the X-ray to CT family, ``[B]`` each, for volumes ``[B, 1, D, H, W]`` holding HU
+    mapped linearly from ``hu_range`` to [0, 1]: ``psnr`` (dB, data range 1 on that scale), ``ssim`` (true
+    3D, Gaussian window; :func:`ssim`), ``mae_hu`` (mean absolute error in HU) and ``cosine`` (cosine
+    similarity of the flattened volumes)."""
+    if pred.ndim != 5:
+        raise ValueError(f"reconstruction_metrics needs [B, 1, D, H, W] volumes, got shape {tuple(pred.shape)}")
+    with torch.autocast(pred.device.type, enabled=False):  # metrics in float32, also inside a validation step
+        return {"psnr": psnr(pred, target, data_range=1.0),
+                "ssim": ssim(pred, target, data_range=1.0, spatial_dims=3),
+                "mae_hu": mae(pred, target, scale=hu_range[1] - hu_range[0]),
+                "cosine": cosine_similarity(pred, target)}
+
+
+# --------------------------------------------------------------------------- signed change maps (05_cxr_change)
+
+def choose_threshold(scores: torch.Tensor, change: torch.Tensor, levels: int = 200) -> float:
+    """The threshold on ``scores`` (``[B, 1, S, S]``, higher = more likely changed) that maximises the mean
+    Dice on changed pixels over the pairs that have any. Candidates: ``levels`` quantiles of the scores
+    between the median and the 99.9th percentile. Use it on the validation split only."""
+    has = (change != 0).flatten(1).any(1)
+    if not has.any():
+        raise ValueError("choose_threshold: no pair has changed pixels")
+    s, target = scores[has].float(), change[has] != 0
+    flat = s.flatten()
+    if flat.numel() > 2_000_000:  # torch.quantile sorts (and refuses over 2**24 elements): a fixed-seed sample
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    candidates = torch.quantile(flat, torch.linspace(0.5, 0.999, levels)).unique()
+    best = max(candidates.tolist(), key=lambda t: dice(s > t, target).mean().item())
+    return float(best)
+
+
+def change_metrics(signed: torch.Tensor, change: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """Per-pair metrics of a signed change map (score ``|signed|``) thresholded at ``threshold``.
+
+    ``dice``: Dice on changed pixels (``|signed| > threshold`` vs ``change != 0``), NaN for pairs without
+    change. ``signed_dice``: the same where a pixel only counts with the right sign,
+    ``2(|P+ & G+| + |P- & G-|) / (|P+| + |P-| + |G+| + |G-|)``. ``fp_area``: fraction of the image flagged
+    as changed, on pairs without change (NaN elsewhere) -- the false-positive area of nuisance-only pairs.
+    """
+    if signed.shape != change.shape:
+        raise ValueError(f"signed map {tuple(signed.shape)} and change {tuple(change.shape)} differ in shape")
+    s = signed.float()
+    pos_p, neg_p, pos_g, neg_g = s > threshold, s < -threshold, change > 0, change < 0
+    has = (pos_g | neg_g).flatten(1).any(1)
+    nan = torch.full(has.shape, float("nan"))
+    inter = (pos_p & pos_g).flatten(1).sum(1) + (neg_p & neg_g).flatten(1).sum(1)
+    total = pos_p.flatten(1).sum(1) + neg_p.flatten(1).sum(1) + pos_g.flatten(1).sum(1) + neg_g.flatten(1).sum(1)
+    flagged = (pos_p | neg_p).flatten(1).float().mean(1)
+    return {"dice": torch.where(has, dice(pos_p | neg_p, pos_g | neg_g), nan),
+            "signed_dice": torch.where(has, 2 * inter / total.clamp_min(1), nan),
+            "fp_area": torch.where(has, nan, flagged)}
+
+
+def change_summary(signed: torch.Tensor, change: torch.Tensor, threshold: float) -> dict[str, float]:
+    """Split-level numbers of a signed change map: mean Dice and signed Dice over pairs with change, pixel
+    AUC of ``|signed|`` over every pixel of every pair (:func:`auc`), mean false-positive area over
+    nuisance-only pairs, and the ``threshold``."""
+    per = change_metrics(signed, change, threshold)
+    return {"dice": float(per["dice"].nanmean()), "signed_dice": float(per["signed_dice"].nanmean()),
+            "pixel_auc": auc(signed.abs(), change != 0), "fp_area": float(per["fp_area"].nanmean()),
+            "threshold": float(threshold)}
+
+
+@torch.no_grad()
+def location_variance_ratio(features: torch.Tensor) -> float:
+    """Share of a feature map's variance that lies across locations within a sample.
+
+    ``features`` [B, C, *grid] -> mean over channels of var(across locations, per sample) divided by the
+    mean over channels of var(across samples and locations). 0 for collapsed (location-independent)
+    features, 1 when samples share their mean and only locations differ.
+    """
+    f = features.float().flatten(2)
+    within = f.var(dim=2, unbiased=False).mean()
+    total = f.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).mean()
+    return float(within / total.clamp(min=1e-12))
+
+
+@torch.no_grad()
+def content_variance_ratio(features: torch.Tensor) -> float:
+    """Share of a feature map's variance that lies across inputs at the same location.
+
+    ``features`` [B, C, *grid] (B >= 2 different inputs) -> mean over channels and locations of
+    var(across samples) divided by the mean over channels of var(across samples and locations). 0 when
+    the features depend on the position only (or on nothing): content has collapsed.
+    """
+    f = features.float().flatten(2)
+    across = f.var(dim=0, unbiased=False).mean()
+    total = f.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).mean()
+    return float(across / total.clamp(min=1e-12))
+
+
+# --------------------------------------------------------------------------- CT slice series (04_ct_diffusion)
+
+def series_scores(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> dict[str, torch.Tensor]:
+    """Per series ``[B]`` of series ``[B, C, T, H, W]``: ``psnr`` over the whole series (:func:`psnr`) and
+    ``ssim`` computed in 2D on every frame (:func:`ssim`), averaged over the series' frames."""
+    if pred.ndim != 5:
+        raise ValueError(f"series_scores needs series [B, C, T, H, W], got shape {tuple(pred.shape)}")
+    frames = lambda x: x.transpose(1, 2).flatten(0, 1)  # noqa: E731  [B*T, C, H, W]
+    per_frame = ssim(frames(pred), frames(target), data_range=data_range, spatial_dims=2)
+    return {"psnr": psnr(pred, target, data_range=data_range), "ssim": per_frame.reshape(len(pred), -1).mean(1)}
+
+
+def changed_voxel_mae(pred: torch.Tensor, target: torch.Tensor, baseline: torch.Tensor, threshold: float = 100.0,
+                      scale: float = 900.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE (in ``scale`` units per intensity unit, e.g. HU) over the voxels whose target differs from the
+    baseline by more than ``threshold`` (e.g. the contrast-enhanced vessels), per sample.
+
+    Tensors ``[B, ...]`` of one shape; returns ``(mae [B], voxels [B])``, ``mae`` NaN where no voxel changed.
+    With ``pred = baseline`` it is the identity baseline. ``scale=900``: the diffusion window (1800 HU wide)
+    maps onto [-1, 1], so one unit is 900 HU.
+    """
+    if not pred.shape == target.shape == baseline.shape:
+        raise ValueError(f"changed_voxel_mae: shapes differ: pred {tuple(pred.shape)}, target "
+                         f"{tuple(target.shape)}, baseline {tuple(baseline.shape)}")
+    pred, target, baseline = (v.detach().float().flatten(1) for v in (pred, target, baseline))
+    mask = ((target - baseline).abs() * scale > threshold).float()
+    n = mask.sum(1)
+    err = ((pred - target).abs() * scale * mask).sum(1)
+    return torch.where(n > 0, err / n.clamp_min(1), torch.full_like(n, float("nan"))), n.long()

@@ -1,5 +1,6 @@
 """MedicalGradeLoss: each term against an independent computation (scipy, numpy, MONAI, scikit-image),
-the weighting and logging of the six terms, the perceptual term on and off, bad input."""
+the weighting and logging of the six terms, the perceptual term on and off, bad input; and the family's
+evaluation metrics (lib.metrics.reconstruction_metrics) against independent implementations."""
 
 import lib  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 
@@ -11,7 +12,8 @@ import torch
 from scipy import ndimage
 
 from lib.losses.medical import (DEFAULT_WEIGHTS, TERMS, MedicalGradeLoss, filter3, high_frequency_l1,
-                                reconstruction_metrics, sobel_magnitude, ssim_3d)
+                                sobel_magnitude, ssim_3d)
+from lib.metrics import reconstruction_metrics
 
 
 def volumes(seed=0, shape=(2, 1, 16, 16, 16)):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from lib import config  # noqa: F401  (before lib.families: lib.presets and lib.config import each other)
+from lib.families.xray_to_ct import count_parameters, default_angles
 from lib.models.xray2ct import (CrossViewAttention, HybridCNNViTUNet3D, ResidualDenseBlock3D, SwinTransformerBlock3D,
-                                backproject, count_parameters, default_angles, view_grid)
+                                backproject, view_grid)
 
 TINY = dict(image_size=16, volume_size=16, base_channels=4, attention_channels=32, attention_heads=8)
 S = TINY["image_size"]
@@ -33,14 +35,6 @@ def test_shapes_for_n_views(views):
     assert volume.shape == (2, 1, 16, 16, 16)
     assert [tuple(d.shape) for d in deep] == [(2, 1, 2, 2, 2), (2, 1, 4, 4, 4), (2, 1, 8, 8, 8)]
     assert torch.isfinite(volume).all()
-
-
-def test_default_angles():
-    assert default_angles(1) == (0.0,)
-    assert default_angles(2) == (0.0, 90.0)
-    assert default_angles(4) == (0.0, 45.0, 90.0, 135.0)
-    with pytest.raises(ValueError, match="views must be an int >= 1"):
-        default_angles(0)
 
 
 def test_untrained_model_returns_its_prior_and_learns_a_residual():

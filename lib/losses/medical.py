@@ -1,4 +1,4 @@
-"""``MedicalGradeLoss`` for X-ray -> CT reconstruction (06_xray_to_ct), and the family's evaluation metrics.
+"""``MedicalGradeLoss`` for X-ray -> CT reconstruction (06_xray_to_ct).
 
 Six terms, each weighted separately (design note D; weights of the research note in brackets)::
 
@@ -18,8 +18,8 @@ every term that is on, for the training loop to log. A term is on when its weigh
 computed (the perceptual term needs a feature network; without one it is off and the constructor
 logs a notice, kept in ``.notice``).
 
-:func:`reconstruction_metrics`: the notebook's per-patient numbers with their conventions stated
-(PSNR on the HU-normalised [0, 1] volume with data range 1, true 3D SSIM, MAE in HU, cosine similarity).
+The family's evaluation metrics (PSNR, 3D SSIM, MAE in HU, cosine) are
+:func:`lib.metrics.reconstruction_metrics`; :func:`ssim_3d` here is the loss's own, differentiable SSIM.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class MedicalGradeLoss(nn.Module):
     Args:
         weights: weight per term (names in ``TERMS``); missing names take ``DEFAULT_WEIGHTS``.
         feature_net: frozen 3D network ``[B, C, D, H, W]`` -> list of feature maps (the 03_pretrain encoder,
-            :func:`lib.models.pretrainer.load_encoder`); None turns the perceptual term off (notice logged).
+            :func:`lib.checkpoint.load_encoder`); None turns the perceptual term off (notice logged).
         feature_windows: CT windows ``[(centre, width), ...]`` in HU that turn the [0, 1] volume into the
             feature network's input channels (the pre-training's brain, subdural, bone windows); None feeds
             the volume as one channel.
@@ -223,19 +223,3 @@ class MedicalGradeLoss(nn.Module):
             total = sum(self.weights[name] * value for name, value in terms.items())
         return total, terms
 
-
-def reconstruction_metrics(pred: torch.Tensor, target: torch.Tensor,
-                           hu_range: tuple[float, float] = (-1000.0, 1000.0)) -> dict[str, torch.Tensor]:
-    """Per-volume metrics of the family, ``[B]`` each, for volumes ``[B, 1, D, H, W]`` holding HU mapped
-    linearly from ``hu_range`` to [0, 1]: ``psnr`` (dB, data range 1 on that scale), ``ssim`` (true 3D,
-    Gaussian window; :func:`lib.metrics.ssim`), ``mae_hu`` (mean absolute error in HU) and ``cosine``
-    (cosine similarity of the flattened volumes)."""
-    from lib import metrics
-
-    if pred.ndim != 5:
-        raise ValueError(f"reconstruction_metrics needs [B, 1, D, H, W] volumes, got shape {tuple(pred.shape)}")
-    with torch.autocast(pred.device.type, enabled=False):  # metrics in float32, also inside a validation step
-        return {"psnr": metrics.psnr(pred, target, data_range=1.0),
-                "ssim": metrics.ssim(pred, target, data_range=1.0, spatial_dims=3),
-                "mae_hu": metrics.mae(pred, target, scale=hu_range[1] - hu_range[0]),
-                "cosine": metrics.cosine_similarity(pred, target)}

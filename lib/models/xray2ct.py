@@ -28,6 +28,9 @@ image's half-width (:meth:`lib.data.datasets.DRRVolumes.volume_extent` computes 
 Output parameterisation: with a ``prior`` volume (e.g. the mean training CT) the network predicts a
 residual on top of it, with zero-initialised output heads, so an untrained model returns the prior
 exactly; without one it predicts the volume directly. The prior is a buffer (saved with the weights).
+
+The network only: building it from a 06_xray_to_ct configuration, the angles of N views and the inference
+loop are in :mod:`lib.families.xray_to_ct`.
 """
 
 from __future__ import annotations
@@ -384,20 +387,6 @@ class HybridCNNViTUNet3D(nn.Module):
         return outs[-1], outs[:-1]
 
 
-def build_model(config, volume_extent: Sequence[float] = (1.0, 1.0, 1.0),
-                prior: torch.Tensor | None = None) -> HybridCNNViTUNet3D:
-    """The model of a 06_xray_to_ct configuration (a resolved preset): ``views`` spread over 180 degrees
-    (:func:`default_angles`), ``image_size``, ``volume_size``, ``base_channels``, ``attention_channels``,
-    ``attention_heads`` (also the Swin heads), ``window_size``, ``dense_layers``; the geometry and prior
-    come from the data (:meth:`lib.data.datasets.DRRVolumes.volume_extent`, the mean training volume)."""
-    return HybridCNNViTUNet3D(default_angles(config["views"]), image_size=config["image_size"],
-                              volume_size=config["volume_size"], base_channels=config["base_channels"],
-                              attention_channels=config["attention_channels"],
-                              attention_heads=config["attention_heads"], swin_heads=config["attention_heads"],
-                              window_size=config["window_size"], dense_layers=config["dense_layers"],
-                              volume_extent=volume_extent, prior=prior)
-
-
 def _guarded(block: nn.Module, *inputs: torch.Tensor, size: int) -> torch.Tensor:
     """Run a U-Net block; in float32 when it works on 2^3 voxels or fewer. There the CPU's bf16 conv3d
     weight gradient (oneDNN, torch 2.13) returned Inf/NaN from finite inputs now and then (measured; see
@@ -416,32 +405,3 @@ def _resize2d(x: torch.Tensor, size: int) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, size)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
-
-def default_angles(views: int) -> tuple[float, ...]:
-    """``views`` angles evenly spread over 180 degrees (parallel rays: 180 more adds nothing):
-    1 -> (0,), 2 -> (0, 90) frontal + lateral, 4 -> (0, 45, 90, 135)."""
-    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
-        raise ValueError(f"views must be an int >= 1, got {views!r}")
-    return tuple(180.0 * k / views for k in range(views))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def predict(model: HybridCNNViTUNet3D, loader, device: torch.device, amp: bool = True) -> dict:
-    """Run ``model`` (eval mode) over a loader of ``DRRVolumes`` batches: ``{"subject": [...], "views",
-    "ct", "pred"}`` on the CPU, ``pred`` clipped to [0, 1] (the range the targets are mapped to)."""
-    from lib.device import autocast
-
-    model.eval()
-    out: dict = {"subject": [], "views": [], "ct": [], "pred": []}
-    for batch in loader:
-        with autocast(device, amp):
-            volume = model(batch["views"].to(device))[0]
-        out["subject"] += list(batch["subject"])
-        out["views"].append(batch["views"])
-        out["ct"].append(batch["ct"])
-        out["pred"].append(volume.float().clamp(0, 1).cpu())
-    return {k: v if k == "subject" else torch.cat(v) for k, v in out.items()}

@@ -15,6 +15,7 @@ NB_06 = _spec(
         "base_channels": Param(32, int, "U-Net and 2D pyramid base width c: c, 2c, 4c, 8c, 16c (note: 32)"),
         "attention_channels": Param(512, int, "cross-view transformer width (note: 512)"),
         "attention_heads": Param(8, int, "cross-view and Swin attention heads (note: 8)"),
+        "cross_view_layers": Param(1, int, "cross-view transformer layers at 1/8 of the image (note: 1)"),
         "window_size": Param(4, int, "3D Swin window (note: 4)"),
         "dense_layers": Param(4, int, "layers per residual dense block (note: 4)"),
         "residual_prior": Param(True, bool, "predict a residual on top of the mean training volume (the baseline); "
@@ -27,7 +28,7 @@ NB_06 = _spec(
         "loss_frequency": Param(0.3, float, "weight of the FFT high-frequency term (note: 0.3)"),
         "high_freq_cutoff": Param(0.25, float, "the frequency term covers frequencies above this (cycles/voxel; Nyquist 0.5)"),
         "perceptual_checkpoint": Param("", str, "03_pretrain encoder checkpoint for the perceptual term "
-                                       "(lib.models.pretrainer.load_encoder); '' turns the term off, with a notice"),
+                                       "(lib.checkpoint.load_encoder); '' turns the term off, with a notice"),
     },
     training=True,
     smoke={"cohort": "smoke", "image_size": 32, "volume_size": 16, "base_channels": 4, "attention_channels": 32,
