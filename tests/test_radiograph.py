@@ -128,12 +128,13 @@ def test_bad_files_are_named(tmp_path, real_header):
 
 
 def test_the_real_radiograph_runs_through_a_change_model(real):
-    from lib.models.cxr_change import LongitudinalMIMModelBig
+    from lib.models.cxr_change import ChangeModelConfig, LongitudinalMIMModelBig
 
     torch.manual_seed(0)
-    model = LongitudinalMIMModelBig(image_size=64, channels=(8, 8, 16, 16, 32), blocks=(1, 1, 1, 1), expand_ratio=2,
-                                    hidden_size=32, transformer_layers=1, num_heads=2, mlp_dim=64, patch_size=1,
-                                    inter_channels=32, norm_groups=8, decoder_channels=(16, 16, 8, 8)).eval()
+    model = LongitudinalMIMModelBig(ChangeModelConfig(
+        image_size=64, channels=(8, 8, 16, 16, 32), blocks=(1, 1, 1, 1), expand_ratio=2, hidden_size=32,
+        transformer_layers=1, num_heads=2, mlp_dim=64, patch_size=1, inter_channels=32, norm_groups=8,
+        decoder_channels=(16, 16, 8, 8))).eval()
     x = torch.from_numpy(to_square(real.image, 64))[None, None]
     with torch.no_grad():
         y = model(x, x)

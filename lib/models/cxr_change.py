@@ -1,8 +1,9 @@
-"""Longitudinal chest X-ray change detection (design note C, notebook 05_cxr_change).
+"""Longitudinal chest X-ray change detection networks (design note C, notebook 05_cxr_change).
 
 Given a baseline and a follow-up frontal radiograph of one patient, predict a pixel-wise map of what
-changed. The models follow the research note (Longitudinal_MIM); every size is a constructor argument
-whose default is the note's constant, and the notebook's presets scale them down.
+changed. The networks follow the research note (Longitudinal_MIM); every size is a field of
+:class:`ChangeModelConfig` whose default is the note's constant, and the notebook's presets scale them
+down (``lib.families.cxr_change.build`` makes the config from a resolved preset).
 
 Output: a signed change map. The public code this comes from ends in a sigmoid, which cannot say that
 a finding resolved; here the change models end in ``tanh`` and return one channel ``y`` in [-1, 1]
@@ -14,10 +15,8 @@ with the sign convention of the demo cohort's change maps (:mod:`lib.data.demo`)
 So a nodule, consolidation, effusion or a larger heart that appears is positive, and the same finding
 resolving is negative; a pneumothorax (air replacing lung) that appears is negative. ``|y|`` is the
 change score: ranked over pixels it gives the pixel AUC, thresholded it gives the changed-pixel mask,
-and the sign of ``y`` on that mask says which way the change went. The training target is the sign of
-the cleaned change map, ``t = sign(change)`` in {-1, 0, +1} (:func:`change_target`), learnt with
-:func:`change_loss`: a two-channel soft Dice (``relu(y)`` against appeared, ``relu(-y)`` against
-resolved) plus the mean squared error of ``y`` against ``t``.
+and the sign of ``y`` on that mask says which way the change went. The training target and loss are
+in :mod:`lib.losses.cxr_change`.
 
 Architecture of :class:`LongitudinalMIMModelBig` (defaults: the note's 512² input)::
 
@@ -35,43 +34,52 @@ Architecture of :class:`LongitudinalMIMModelBig` (defaults: the note's 512² inp
 
 Also here: :class:`LongitudinalMIMModel` (the same encoder and fusion, a decoder without skips),
 :class:`MaskedReconstructionModel` (masked image modelling that pre-trains the shared encoder, SimMIM
-style), :class:`ClassificationModel` (14 labels), :class:`Discriminator` (PatchGAN, MONAI), encoder
-freezing, the change loss, training augmentations for pairs, the naive subtraction baseline and the
-change-map evaluation (Dice on changed pixels, pixel AUC, false-positive area on nuisance-only pairs).
+style), and the research's auxiliary :class:`ClassificationModel` (14 labels) and :class:`Discriminator`
+(PatchGAN, MONAI).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lib.models.attention import route_short_sequences
 
-# The note's constants (Longitudinal_MIM's constants.py).
-IMG_SIZE = 512
-FEATURE_SIZE = 32
-FEATURE_CHANNELS = 640
-HIDDEN_CHANNELS = 768
-INTER_CHANNELS = 704
-PATCHES_NUM = 256
-GROUP_NORM_GROUPS = 32
-INIT_STD = 0.02
-LABELS_NUM = 14
+INIT_STD = 0.02  # the note's std of linear-layer weights
 
-# Encoder widths per level (stem at full resolution, then /2, /4, /8, /16), EfficientNet-B7's stage
-# widths that the note's block selection visits; 8 MBConv blocks in all, like the note's 8 selected blocks.
-ENCODER_CHANNELS = (64, 48, 80, 224, FEATURE_CHANNELS)
-ENCODER_BLOCKS = (1, 1, 2, 4)
-DECODER_CHANNELS = (320, 160, 80, 40)
-TRANSFORMER_LAYERS, TRANSFORMER_HEADS, TRANSFORMER_MLP = 12, 12, 3072  # ViT-Base
 
-#: Constructor arguments shared by every model of this module (a notebook passes these by name).
-ARCHITECTURE_ARGS = ("image_size", "channels", "blocks", "expand_ratio", "kernel_size", "hidden_size",
-                     "transformer_layers", "num_heads", "mlp_dim", "patch_size", "inter_channels", "norm_groups")
+@dataclass(frozen=True)
+class ChangeModelConfig:
+    """The architecture shared by every network of this module (nanoGPT's ``GPTConfig``).
+
+    The defaults are the note's constants (Longitudinal_MIM's ``constants.py``): 512² input, encoder
+    widths with EfficientNet-B7's stage widths ending in 640 x 32 x 32 features, 8 MBConv blocks in all
+    (the note's 8 selected blocks), a ViT-Base bottleneck (12 x 768, 12 heads, MLP 3072) on 2 x 2 patches
+    (16 x 16 = 256 patches), a conv branch of 704, GroupNorm 32. The field names are the notebook's
+    parameter names, so a resolved 05_cxr_change configuration fills them by name.
+    """
+
+    image_size: int = 512
+    channels: tuple[int, ...] = (64, 48, 80, 224, 640)  # the stem, then one width per stride-2 level
+    blocks: tuple[int, ...] = (1, 1, 2, 4)              # MBConv blocks per stride-2 level
+    expand_ratio: int = 6
+    kernel_size: int = 3
+    hidden_size: int = 768
+    transformer_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    patch_size: int = 2
+    inter_channels: int = 704
+    norm_groups: int = 32
+    decoder_channels: tuple[int, ...] = (320, 160, 80, 40)  # one per x2 upsampling (change models only)
+
+    def __post_init__(self):
+        for name in ("channels", "blocks", "decoder_channels"):  # hashable, and equal to a preset's tuple
+            object.__setattr__(self, name, tuple(int(c) for c in getattr(self, name)))
 
 
 def _groups(channels: int, norm_groups: int) -> int:
@@ -114,7 +122,7 @@ def _check_images(name: str, x: torch.Tensor, in_channels: int, image_size: int)
 class ChannelExpansionStem(nn.Sequential):
     """``[B, in, S, S]`` -> ``[B, channels, S, S]``: two 3x3 conv + GroupNorm + SiLU at full resolution."""
 
-    def __init__(self, in_channels: int, channels: int, norm_groups: int = GROUP_NORM_GROUPS):
+    def __init__(self, in_channels: int, channels: int, norm_groups: int):
         super().__init__(_conv_norm_act(in_channels, channels, norm_groups), _conv_norm_act(channels, channels, norm_groups))
 
 
@@ -128,9 +136,8 @@ class EfficientNetMiniEncoder(nn.Module):
     squeeze-and-excitation 0.25 everywhere.
     """
 
-    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
-                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
-                 norm_groups: int = GROUP_NORM_GROUPS):
+    def __init__(self, image_size: int, in_channels: int, channels: Sequence[int], blocks: Sequence[int],
+                 expand_ratio: int, kernel_size: int, norm_groups: int):
         super().__init__()
         from monai.networks.nets.efficientnet import MBConvBlock
 
@@ -169,8 +176,8 @@ class TransformerBranch(nn.Module):
     (``F.scaled_dot_product_attention``), LayerNorm, then a transposed convolution back to ``f x f x C``.
     """
 
-    def __init__(self, channels: int, feature_size: int, hidden_size: int = HIDDEN_CHANNELS, patch_size: int = 2,
-                 layers: int = TRANSFORMER_LAYERS, num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP):
+    def __init__(self, channels: int, feature_size: int, hidden_size: int, patch_size: int, layers: int,
+                 num_heads: int, mlp_dim: int):
         super().__init__()
         from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 
@@ -202,8 +209,7 @@ class BottleneckBlock(nn.Module):
     ``[B, C, f, f]`` -> ``[B, C, f, f]``.
     """
 
-    def __init__(self, channels: int, feature_size: int, inter_channels: int = INTER_CHANNELS,
-                 norm_groups: int = GROUP_NORM_GROUPS, **transformer):
+    def __init__(self, channels: int, feature_size: int, inter_channels: int, norm_groups: int, **transformer):
         super().__init__()
         self.transformer = TransformerBranch(channels, feature_size, **transformer)
         self.conv = nn.Sequential(_conv_norm_act(channels, inter_channels, norm_groups),
@@ -220,36 +226,33 @@ class BottleneckEncoder(nn.Module):
     Input ``[B, in_channels, S, S]`` with ``S == image_size``; output the list of level features (see
     :class:`EfficientNetMiniEncoder`), the last one replaced by the bottleneck's
     ``[B, channels[-1], S/16, S/16]`` (for five levels). Pre-trained by :class:`MaskedReconstructionModel`.
+    Sizes from ``config`` (default: the note's); raises ``ValueError`` for an impossible one.
     """
 
-    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
-                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
-                 hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
-                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
-                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS):
+    def __init__(self, config: ChangeModelConfig | None = None, in_channels: int = 1):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        for name, value in (("image_size", image_size), ("in_channels", in_channels), ("expand_ratio", expand_ratio),
-                            ("hidden_size", hidden_size), ("transformer_layers", transformer_layers),
-                            ("num_heads", num_heads), ("mlp_dim", mlp_dim), ("patch_size", patch_size),
-                            ("inter_channels", inter_channels), ("norm_groups", norm_groups)):
+        c = config or ChangeModelConfig()
+        channels = c.channels
+        sizes = ("image_size", "expand_ratio", "hidden_size", "transformer_layers", "num_heads", "mlp_dim",
+                 "patch_size", "inter_channels", "norm_groups")
+        for name, value in [("in_channels", in_channels), *((n, getattr(c, n)) for n in sizes)]:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if kernel_size not in (3, 5, 7):
-            raise ValueError(f"kernel_size must be 3, 5 or 7, got {kernel_size!r}")
-        if len(channels) < 2 or any(c < 1 for c in channels):
+        if c.kernel_size not in (3, 5, 7):
+            raise ValueError(f"kernel_size must be 3, 5 or 7, got {c.kernel_size!r}")
+        if len(channels) < 2 or any(w < 1 for w in channels):
             raise ValueError(f"channels must list >= 2 positive widths (stem, then one per stride-2 level), got {channels}")
         stride = 2 ** (len(channels) - 1)
-        if image_size % stride:
-            raise ValueError(f"image_size {image_size} must be divisible by 2**{len(channels) - 1} = {stride} "
+        if c.image_size % stride:
+            raise ValueError(f"image_size {c.image_size} must be divisible by 2**{len(channels) - 1} = {stride} "
                              f"(one halving per level of channels={channels})")
-        self.image_size, self.in_channels, self.channels = image_size, in_channels, channels
-        self.feature_size = image_size // stride
-        self.features = EfficientNetMiniEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size,
-                                                norm_groups)
-        self.bottleneck = BottleneckBlock(channels[-1], self.feature_size, inter_channels, norm_groups,
-                                          hidden_size=hidden_size, patch_size=patch_size, layers=transformer_layers,
-                                          num_heads=num_heads, mlp_dim=mlp_dim)
+        self.image_size, self.in_channels, self.channels = c.image_size, in_channels, channels
+        self.feature_size = c.image_size // stride
+        self.features = EfficientNetMiniEncoder(c.image_size, in_channels, channels, c.blocks, c.expand_ratio,
+                                                c.kernel_size, c.norm_groups)
+        self.bottleneck = BottleneckBlock(channels[-1], self.feature_size, c.inter_channels, c.norm_groups,
+                                          hidden_size=c.hidden_size, patch_size=c.patch_size,
+                                          layers=c.transformer_layers, num_heads=c.num_heads, mlp_dim=c.mlp_dim)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         _check_images("image", x, self.in_channels, self.image_size)
@@ -265,7 +268,7 @@ class DifferenceFusion(nn.Module):
     difference, the note's "1x1 depthwise"), a full 3x3 conv, and a 7x7 depthwise-separable conv.
     """
 
-    def __init__(self, channels: int, norm_groups: int = GROUP_NORM_GROUPS):
+    def __init__(self, channels: int, norm_groups: int):
         super().__init__()
         c2 = 2 * channels
         self.pointwise = nn.Conv2d(c2, channels, 1, groups=channels, bias=False)
@@ -285,7 +288,7 @@ class DecoderBlock(nn.Module):
     ``[B, in, h, w]`` (+ skip ``[B, skip, 2h, 2w]``) -> ``[B, out, 2h, 2w]``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm_groups: int = GROUP_NORM_GROUPS):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm_groups: int):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
         self.conv = nn.Sequential(_conv_norm_act(out_channels + skip_channels, out_channels, norm_groups),
@@ -303,27 +306,24 @@ class LongitudinalMIMModelBig(nn.Module):
 
     ``forward(baseline, followup)``: both ``[B, in_channels, image_size, image_size]``; returns
     ``[B, 1, image_size, image_size]`` in [-1, 1] (``tanh``), + = attenuation increased (appeared),
-    - = decreased (resolved). ``channels`` has one width per level (stem, then one per halving),
-    ``decoder_channels`` one per upsampling (``len(channels) - 1``). ``encoder`` is shared by both
-    images and is what :class:`MaskedReconstructionModel` pre-trains and :func:`freeze_encoder` freezes.
+    - = decreased (resolved). Sizes from ``config`` (default: the note's): ``channels`` has one width
+    per level (stem, then one per halving), ``decoder_channels`` one per upsampling
+    (``len(channels) - 1``). ``encoder`` is shared by both images and is what
+    :class:`MaskedReconstructionModel` pre-trains (and what the family may freeze).
     """
 
     skips = True
 
-    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
-                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
-                 hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
-                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
-                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS,
-                 decoder_channels: Sequence[int] = DECODER_CHANNELS):
+    def __init__(self, config: ChangeModelConfig | None = None, in_channels: int = 1):
         super().__init__()
-        self.encoder = BottleneckEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size, hidden_size,
-                                         transformer_layers, num_heads, mlp_dim, patch_size, inter_channels, norm_groups)
-        channels, decoder_channels = self.encoder.channels, tuple(int(c) for c in decoder_channels)
+        self.config = config or ChangeModelConfig()
+        norm_groups = self.config.norm_groups
+        self.encoder = BottleneckEncoder(self.config, in_channels)
+        channels, decoder_channels = self.encoder.channels, self.config.decoder_channels
         if len(decoder_channels) != len(channels) - 1 or any(c < 1 for c in decoder_channels):
             raise ValueError(f"decoder_channels must give {len(channels) - 1} positive widths (one per upsampling of "
                              f"channels={channels}), got {decoder_channels}")
-        self.image_size, self.in_channels = image_size, in_channels
+        self.image_size, self.in_channels = self.config.image_size, in_channels
         self.fusion = DifferenceFusion(channels[-1], norm_groups)
         ins = (channels[-1],) + decoder_channels[:-1]
         skip = [2 * c if self.skips else 0 for c in reversed(channels[:-1])]
@@ -352,14 +352,6 @@ class LongitudinalMIMModel(LongitudinalMIMModelBig):
     skips = False
 
 
-def build_change_model(config) -> LongitudinalMIMModelBig:
-    """The change model of a 05_cxr_change configuration (a resolved preset): ``variant`` (big: with skips,
-    small: without), the :data:`ARCHITECTURE_ARGS` and ``decoder_channels``."""
-    model = {"big": LongitudinalMIMModelBig, "small": LongitudinalMIMModel}.get(config["variant"])
-    if model is None:
-        raise ValueError(f"variant must be 'big' or 'small', got {config['variant']!r}")
-    return model(**{k: config[k] for k in ARCHITECTURE_ARGS}, decoder_channels=config["decoder_channels"])
-
 
 # --------------------------------------------------------------------------- auxiliary models
 
@@ -367,19 +359,17 @@ class MaskedReconstructionModel(nn.Module):
     """Masked image modelling (SimMIM style) that pre-trains :class:`BottleneckEncoder`.
 
     ``forward(image, mask)``: ``image`` ``[B, in_channels, S, S]``, ``mask`` ``[B, 1, S, S]`` (1 = hidden,
-    see :func:`random_patch_mask`). Hidden pixels are replaced by a learnt value, the encoder sees the
-    result, and a 1x1 conv plus pixel shuffle (x ``2**levels``) predicts the image: ``[B, in_channels, S, S]``.
-    Train with :func:`masked_reconstruction_loss`; hand ``encoder`` to a change model afterwards.
+    see :func:`lib.losses.cxr_change.random_patch_mask`). Hidden pixels are replaced by a learnt value,
+    the encoder sees the result, and a 1x1 conv plus pixel shuffle (x ``2**levels``) predicts the image:
+    ``[B, in_channels, S, S]``. Train with :func:`lib.losses.cxr_change.masked_reconstruction_loss`; hand
+    ``encoder`` to a change model afterwards.
     """
 
-    def __init__(self, image_size: int = IMG_SIZE, in_channels: int = 1, channels: Sequence[int] = ENCODER_CHANNELS,
-                 blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6, kernel_size: int = 3,
-                 hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
-                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
-                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS):
+    def __init__(self, config: ChangeModelConfig | None = None, in_channels: int = 1):
         super().__init__()
-        self.encoder = BottleneckEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size, hidden_size,
-                                         transformer_layers, num_heads, mlp_dim, patch_size, inter_channels, norm_groups)
+        self.config = config or ChangeModelConfig()
+        image_size = self.config.image_size
+        self.encoder = BottleneckEncoder(self.config, in_channels)
         stride = image_size // self.encoder.feature_size
         self.mask_value = nn.Parameter(torch.zeros(1, in_channels, 1, 1))
         self.head = nn.Sequential(nn.Conv2d(self.encoder.channels[-1], stride * stride * in_channels, 1),
@@ -395,44 +385,20 @@ class MaskedReconstructionModel(nn.Module):
         return self.head(self.encoder(image * (1 - m) + self.mask_value * m)[-1])
 
 
-def random_patch_mask(batch: int, image_size: int, patch: int, ratio: float, *, device: torch.device | str = "cpu",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[batch, 1, S, S]`` float masks hiding exactly ``round(ratio * n)`` of the ``n`` patches of each image."""
-    if image_size % patch:
-        raise ValueError(f"mask patch {patch} must divide image_size {image_size}")
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
-    g = image_size // patch
-    n, k = g * g, round(ratio * g * g)
-    order = torch.rand(batch, n, generator=generator).argsort(dim=1)
-    hidden = torch.zeros(batch, n)
-    hidden.scatter_(1, order[:, :k], 1.0)
-    hidden = hidden.reshape(batch, 1, g, g)
-    return hidden.repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(device)
-
-
-def masked_reconstruction_loss(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error over the hidden pixels only (SimMIM's L1)."""
-    m = mask.to(pred.dtype).expand_as(pred)
-    return ((pred.float() - image.float()).abs() * m).sum() / m.sum().clamp_min(1)
-
-
 class ClassificationModel(nn.Module):
     """Multi-label findings from one radiograph: ``[B, in_channels, S, S]`` -> logits ``[B, labels_num]``.
 
-    The shared encoder, global average pooling, LayerNorm and a linear layer (sigmoid/BCE outside).
+    The shared encoder (sized by ``config``), global average pooling, LayerNorm and a linear layer
+    (sigmoid/BCE outside); ``labels_num`` 14: the note's findings.
     """
 
-    def __init__(self, labels_num: int = LABELS_NUM, image_size: int = IMG_SIZE, in_channels: int = 1,
-                 channels: Sequence[int] = ENCODER_CHANNELS, blocks: Sequence[int] = ENCODER_BLOCKS, expand_ratio: int = 6,
-                 kernel_size: int = 3, hidden_size: int = HIDDEN_CHANNELS, transformer_layers: int = TRANSFORMER_LAYERS,
-                 num_heads: int = TRANSFORMER_HEADS, mlp_dim: int = TRANSFORMER_MLP, patch_size: int = 2,
-                 inter_channels: int = INTER_CHANNELS, norm_groups: int = GROUP_NORM_GROUPS, dropout: float = 0.0):
+    def __init__(self, config: ChangeModelConfig | None = None, labels_num: int = 14, in_channels: int = 1,
+                 dropout: float = 0.0):
         super().__init__()
         if not isinstance(labels_num, int) or labels_num < 1:
             raise ValueError(f"labels_num must be an int >= 1, got {labels_num!r}")
-        self.encoder = BottleneckEncoder(image_size, in_channels, channels, blocks, expand_ratio, kernel_size, hidden_size,
-                                         transformer_layers, num_heads, mlp_dim, patch_size, inter_channels, norm_groups)
+        self.config = config or ChangeModelConfig()
+        self.encoder = BottleneckEncoder(self.config, in_channels)
         c = self.encoder.channels[-1]
         self.classifier = nn.Sequential(nn.LayerNorm(c), nn.Dropout(dropout), nn.Linear(c, labels_num))
         self.apply(init_weights)
@@ -446,11 +412,12 @@ class Discriminator(nn.Module):
 
     ``forward(baseline, followup, change)``: each ``[B, image_channels, S, S]``; returns real/fake logits,
     one per overlapping receptive patch: ``[B, 1, S/8 - 2, S/8 - 2]`` with three layers (pix2pix's 70x70
-    PatchGAN, 30 x 30 logits at 256). GroupNorm, LeakyReLU 0.2.
+    PatchGAN, 30 x 30 logits at 256). GroupNorm, LeakyReLU 0.2. Its sizes are its own (it judges images,
+    it shares no encoder); only ``norm_groups`` defaults to :class:`ChangeModelConfig`'s.
     """
 
     def __init__(self, image_channels: int = 1, channels: int = 64, num_layers: int = 3,
-                 norm_groups: int = GROUP_NORM_GROUPS):
+                 norm_groups: int = ChangeModelConfig.norm_groups):
         super().__init__()
         from monai.networks.nets import PatchDiscriminator
 
@@ -466,164 +433,3 @@ class Discriminator(nn.Module):
             raise ValueError(f"baseline, followup and change must share one shape [B, {self.image_channels}, S, S], "
                              f"got {[tuple(t.shape) for t in (baseline, followup, change)]}")
         return self.net(torch.cat([baseline, followup, change], dim=1))[-1]
-
-
-def freeze_encoder(model: nn.Module, frozen: bool = True) -> int:
-    """Stop (or restart) gradients into ``model.encoder``; returns how many parameters changed state.
-
-    Build the optimizer over ``requires_grad`` parameters after calling this.
-    """
-    encoder = getattr(model, "encoder", None)
-    if not isinstance(encoder, nn.Module):
-        raise ValueError(f"{type(model).__name__} has no encoder to freeze")
-    n = 0
-    for p in encoder.parameters():
-        n += p.numel() if p.requires_grad == frozen else 0
-        p.requires_grad_(not frozen)
-    return n
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-# --------------------------------------------------------------------------- loss and augmentation
-
-def change_target(change: torch.Tensor) -> torch.Tensor:
-    """The training target of the signed map: ``sign(change)`` in {-1, 0, +1} (the cleaned map is 0 where
-    nothing changed)."""
-    return torch.sign(change.float())
-
-
-def change_loss(pred: torch.Tensor, change: torch.Tensor, dice_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Loss of a signed change map ``pred`` (``[B, 1, S, S]`` in [-1, 1]) against the cohort's ``change``.
-
-    ``mse(pred, sign(change)) + dice_weight * soft Dice`` over two channels, ``relu(pred)`` against the
-    appeared mask and ``relu(-pred)`` against the resolved one (MONAI ``DiceLoss``, pooled over the batch,
-    so a batch of nuisance-only pairs still has a defined loss). Returns ``(loss, {"mse", "soft_dice"})``.
-    """
-    from monai.losses import DiceLoss
-
-    if pred.shape != change.shape or pred.ndim != 4 or pred.shape[1] != 1:
-        raise ValueError(f"pred and change must both be [B, 1, S, S], got {tuple(pred.shape)} and {tuple(change.shape)}")
-    pred, t = pred.float(), change_target(change)
-    mse = F.mse_loss(pred, t)
-    probs = torch.cat([pred.clamp_min(0), (-pred).clamp_min(0)], dim=1)
-    masks = torch.cat([(t > 0), (t < 0)], dim=1).float()
-    dice = DiceLoss(batch=True, smooth_nr=1e-5, smooth_dr=1e-5)(probs, masks)
-    return mse + dice_weight * dice, {"mse": mse.detach(), "soft_dice": 1 - dice.detach()}
-
-
-def augment_pairs(baseline: torch.Tensor, followup: torch.Tensor, change: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per pair, at random: swap baseline and follow-up (the change map changes sign) and mirror left-right
-    (all three together). Both keep the pair physically consistent; tensors ``[B, C, S, S]``."""
-    n = baseline.shape[0]
-    swap = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
-    b, f = torch.where(swap, followup, baseline), torch.where(swap, baseline, followup)
-    c = torch.where(swap, -change, change)
-    b, f, c = (torch.where(flip, x.flip(-1), x) for x in (b, f, c))
-    return b, f, c
-
-
-# --------------------------------------------------------------------------- baseline and evaluation
-
-def subtraction_baseline(baseline: torch.Tensor, followup: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
-    """The naive baseline's signed map: ``followup / a - baseline``, ``a`` the least-squares gain between them.
-
-    Registration-free: the only alignment is of intensity (exposure differs between visits); nothing is
-    moved. Optionally smoothed by a sampled Gaussian of ``sigma`` pixels (MONAI ``GaussianFilter``, 4 sigma,
-    zero padding). Its change
-    score is ``abs()`` of the result. ``[B, C, S, S]`` in and out.
-    """
-    if baseline.shape != followup.shape or baseline.ndim != 4:
-        raise ValueError(f"baseline and followup must share one shape [B, C, S, S], got {tuple(baseline.shape)} "
-                         f"and {tuple(followup.shape)}")
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
-    b, f = baseline.float(), followup.float()
-    gain = (f * b).flatten(1).sum(1) / (b * b).flatten(1).sum(1).clamp_min(1e-12)
-    d = f / gain.clamp_min(1e-6).view(-1, 1, 1, 1) - b
-    if sigma > 0:
-        from monai.networks.layers import GaussianFilter
-
-        d = GaussianFilter(2, sigma, truncated=4.0, approx="sampled")(d)
-    return d
-
-
-def choose_threshold(scores: torch.Tensor, change: torch.Tensor, levels: int = 200) -> float:
-    """The threshold on ``scores`` (``[B, 1, S, S]``, higher = more likely changed) that maximises the mean
-    Dice on changed pixels over the pairs that have any. Candidates: ``levels`` quantiles of the scores
-    between the median and the 99.9th percentile. Use it on the validation split only."""
-    from lib.metrics import dice
-
-    has = (change != 0).flatten(1).any(1)
-    if not has.any():
-        raise ValueError("choose_threshold: no pair has changed pixels")
-    s, target = scores[has].float(), change[has] != 0
-    flat = s.flatten()
-    if flat.numel() > 2_000_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    candidates = torch.quantile(flat, torch.linspace(0.5, 0.999, levels)).unique()
-    best = max(candidates.tolist(), key=lambda t: dice(s > t, target).mean().item())
-    return float(best)
-
-
-def change_metrics(signed: torch.Tensor, change: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    """Per-pair metrics of a signed map (score ``|signed|``) thresholded at ``threshold``.
-
-    ``dice``: Dice on changed pixels (``|signed| > threshold`` vs ``change != 0``), NaN for pairs without
-    change. ``signed_dice``: the same where a pixel only counts with the right sign,
-    ``2(|P+ & G+| + |P- & G-|) / (|P+| + |P-| + |G+| + |G-|)``. ``fp_area``: fraction of the image flagged
-    as changed, on pairs without change (NaN elsewhere) -- the false-positive area of nuisance-only pairs.
-    """
-    from lib.metrics import dice
-
-    if signed.shape != change.shape:
-        raise ValueError(f"signed map {tuple(signed.shape)} and change {tuple(change.shape)} differ in shape")
-    s = signed.float()
-    pos_p, neg_p, pos_g, neg_g = s > threshold, s < -threshold, change > 0, change < 0
-    has = (pos_g | neg_g).flatten(1).any(1)
-    nan = torch.full(has.shape, float("nan"))
-    inter = (pos_p & pos_g).flatten(1).sum(1) + (neg_p & neg_g).flatten(1).sum(1)
-    total = pos_p.flatten(1).sum(1) + neg_p.flatten(1).sum(1) + pos_g.flatten(1).sum(1) + neg_g.flatten(1).sum(1)
-    flagged = (pos_p | neg_p).flatten(1).float().mean(1)
-    return {"dice": torch.where(has, dice(pos_p | neg_p, pos_g | neg_g), nan),
-            "signed_dice": torch.where(has, 2 * inter / total.clamp_min(1), nan),
-            "fp_area": torch.where(has, nan, flagged)}
-
-
-def summarize(signed: torch.Tensor, change: torch.Tensor, threshold: float) -> dict[str, float]:
-    """Split-level numbers: mean Dice and signed Dice over pairs with change, pixel AUC of ``|signed|``
-    over every pixel of every pair (lib.metrics.auc), mean false-positive area over nuisance-only pairs."""
-    from lib.metrics import auc
-
-    per = change_metrics(signed, change, threshold)
-    return {"dice": float(per["dice"].nanmean()), "signed_dice": float(per["signed_dice"].nanmean()),
-            "pixel_auc": auc(signed.abs(), change != 0), "fp_area": float(per["fp_area"].nanmean()),
-            "threshold": float(threshold)}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, amp: bool = True) -> dict:
-    """Run a change model over a loader of :class:`lib.data.datasets.CXRPairs` batches.
-
-    Returns ``baseline``, ``followup``, ``change``, ``pred`` (``[N, 1, S, S]`` float32 on the CPU),
-    ``nuisance_only`` ``[N]`` and ``pair`` (names).
-    """
-    from lib.device import autocast
-
-    was = model.training
-    model.eval()
-    out: dict = {k: [] for k in ("baseline", "followup", "change", "pred", "nuisance_only", "pair")}
-    for batch in loader:
-        b, f = batch["baseline"].to(device), batch["followup"].to(device)
-        with autocast(device, amp):
-            y = model(b, f)
-        out["pred"].append(y.float().cpu())
-        for k in ("baseline", "followup", "change", "nuisance_only"):
-            out[k].append(torch.as_tensor(batch[k]).cpu())
-        out["pair"] += list(batch["pair"])
-    model.train(was)
-    return {k: v if k == "pair" else torch.cat(v) for k, v in out.items()}
