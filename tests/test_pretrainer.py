@@ -1,26 +1,36 @@
-"""The pretrainer: masked input, SparK-style sparse levels, voxel-patch targets, gradients, non-collapse,
-the encoder checkpoint, and the prod preset's refusal to run without its data."""
+"""The SSL family: the pretrainer (masked input, SparK-style sparse levels, voxel-patch targets, gradients,
+non-collapse), its family module (build from a preset, steps, held-out rows), the encoder checkpoint,
+and the prod preset's refusal to run without its data."""
 
+import ast
+import functools
+import json
 import math
 
 import einops
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lib import checkpoint as ckpt
-from lib import config
-from lib.losses.masking import MiMMasks
+from lib import config, metrics, paths, summary
+from lib.families import pretrain
+from lib.losses.contrastive import SpatialInfoNCE
+from lib.losses.masking import MiMHierarchicalMasking, MiMMasks
 from lib.models import pretrainer as pt
 from lib.models.waveformer import WaveFormer3D
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2)
-HEAD = dict(spark_dim=16, decoder_dim=16, projection_dim=16, num_samples=32)
+HEAD = dict(spark_dim=16, decoder_dim=16)
+NCE = dict(projection_dim=16, num_samples=32)
 
 
 def _model(seed=0, encoder=None, **kw):
     torch.manual_seed(seed)
-    return pt.WaveFormerSparKMiMPretrainer(WaveFormer3D(**{**SMALL, **(encoder or {})}), **{**HEAD, **kw})
+    return pt.WaveFormerSparKMiMPretrainer(WaveFormer3D(**{**SMALL, **(encoder or {})}),
+                                           masking=MiMHierarchicalMasking(),
+                                           contrastive=functools.partial(SpatialInfoNCE, **NCE), **{**HEAD, **kw})
 
 
 def _volumes(n, seed, channels=1, size=16):
@@ -129,20 +139,22 @@ def test_masks_are_checked_and_steps_work():
     bad = MiMMasks(torch.zeros(2, 3, 4, 4, dtype=torch.bool), torch.zeros(2, 3, 4, 4, dtype=torch.bool), 2)
     with pytest.raises(ValueError, match="masks must be"):
         model(x, masks=bad)
-    loss, metrics = pt.pretrain_step(model, ("MRI", x))
-    assert loss.ndim == 0 and set(metrics) == {"recon", "contrast", "recon_local", "recon_easy"}
-    a, _ = pt.eval_step(model, ("MRI", x))
-    b, _ = pt.eval_step(model, x)
+    loss, logged = pretrain.train_step(model, ("MRI", x))
+    assert loss.ndim == 0 and set(logged) == {"recon", "contrast", "recon_local", "recon_easy"}
+    a, _ = pretrain.val_step(model, ("MRI", x))
+    b, _ = pretrain.val_step(model, x)
     assert torch.equal(a, b)  # validation masks are fixed
     with pytest.raises(ValueError, match="contrastive_levels"):
         _model(contrastive_levels=(0, 5))
+    with pytest.raises(ValueError, match="masking and contrastive must be callables"):
+        pt.WaveFormerSparKMiMPretrainer(WaveFormer3D(**SMALL), masking=None, contrastive=SpatialInfoNCE)
 
 
 def test_features_do_not_collapse_in_a_short_run():
     """Collapse = the encoder's features stop depending on where (and on what) they are computed.
 
     Measured on held-out volumes, unmasked, for the final (layer-normalised) map: the share of its
-    variance that lies across the locations of a sample (:func:`pt.location_variance_ratio`), and
+    variance that lies across the locations of a sample (:func:`lib.metrics.location_variance_ratio`), and
     the share that lies across inputs at the same location (content). A constant map gives 0 and 0;
     a map of the position alone gives 0 content. The randomly initialised encoder is a random, not
     collapsed, function of content and position (about 0.99 and 0.2 here): the floor is half of each
@@ -159,7 +171,7 @@ def test_features_do_not_collapse_in_a_short_run():
         with torch.no_grad():
             f = model.encoder(held)
         model.train()
-        return pt.location_variance_ratio(f), pt.content_variance_ratio(f)
+        return metrics.location_variance_ratio(f), metrics.content_variance_ratio(f)
 
     loc0, content0 = shares()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -177,22 +189,22 @@ def test_features_do_not_collapse_in_a_short_run():
 
 def test_variance_shares():
     position_only = torch.randn(1, 4, 3, 3, 3).expand(5, -1, -1, -1, -1)
-    assert pt.location_variance_ratio(position_only) == pytest.approx(1.0)
-    assert pt.content_variance_ratio(position_only) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.location_variance_ratio(position_only) == pytest.approx(1.0)
+    assert metrics.content_variance_ratio(position_only) == pytest.approx(0.0, abs=1e-6)
     content_only = torch.randn(5, 4, 1, 1, 1).expand(-1, -1, 3, 3, 3)
-    assert pt.location_variance_ratio(content_only) == pytest.approx(0.0, abs=1e-6)
-    assert pt.content_variance_ratio(content_only) == pytest.approx(1.0)
+    assert metrics.location_variance_ratio(content_only) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.content_variance_ratio(content_only) == pytest.approx(1.0)
     constant = torch.ones(5, 4, 3, 3, 3)
-    assert pt.location_variance_ratio(constant) == 0.0 and pt.content_variance_ratio(constant) == 0.0
+    assert metrics.location_variance_ratio(constant) == 0.0 and metrics.content_variance_ratio(constant) == 0.0
 
 
 def test_heldout_reconstruction_against_the_mean_patch():
     model = _model()
     train, test = _volumes(6, 0), _volumes(3, 1)
-    mean = pt.mean_patch([train[:3], train[3:]], 4)
+    mean = pretrain.mean_patch([train[:3], train[3:]], 4)
     normed, _, _ = pt.normalise_patches(pt.patchify(train, 4))
     assert torch.allclose(mean, normed.reshape(-1, 64).mean(0), atol=1e-6)
-    res = pt.heldout_reconstruction(model, [test], mean, repeats=2, seed=0)
+    res = pretrain.heldout_reconstruction(model, [test], mean, repeats=2, seed=0)
     # reference: the same masks, drawn again from the same seed
     g = torch.Generator().manual_seed(0)
     model.eval()
@@ -211,7 +223,7 @@ def test_heldout_reconstruction_against_the_mean_patch():
 def test_reconstruction_example_keeps_visible_voxels():
     model = _model()
     x = _volumes(1, 0, channels=3)
-    ex = pt.reconstruction_example(model, x, torch.Generator().manual_seed(0))
+    ex = pretrain.reconstruction_example(model, x, torch.Generator().manual_seed(0))
     visible = ex["mask"] == 0
     assert torch.equal(ex["reconstruction"][visible], x[visible])
     assert ex["mask"].shape == x.shape and 0.3 < float(ex["mask"].mean()) < 0.7
@@ -221,11 +233,11 @@ def test_reconstruction_example_keeps_visible_voxels():
 
 def test_save_and_load_encoder(tmp_path):
     model = _model()
-    pt.save_encoder(model.encoder, tmp_path / "encoder.pt", notebook="03_pretrain")
+    ckpt.save_encoder(model.encoder, tmp_path / "encoder.pt", notebook="03_pretrain")
     raw = ckpt.load(tmp_path / "encoder.pt")
-    assert raw["format"] == pt.ENCODER_FORMAT and raw["config"]["embed_dim"] == 24
+    assert raw["format"] == ckpt.ENCODER_FORMAT and raw["config"]["embed_dim"] == 24
     for source in (tmp_path / "encoder.pt", tmp_path):  # the file, or the run folder holding it
-        enc = pt.load_encoder(source)
+        enc = ckpt.load_encoder(source)
         assert not enc.training and not any(p.requires_grad for p in enc.parameters())
         x = torch.randn(2, 3, 16, 16, 16)
         maps = enc(x)
@@ -244,12 +256,12 @@ def test_load_encoder_from_a_training_checkpoint(tmp_path):
     from lib import train
 
     cfg = dict(config.resolve("03_pretrain", "smoke"))
-    model = pt.build_pretrainer(cfg)
+    model = pretrain.build(cfg)
     data = [("MRI", _volumes(2, i)) for i in range(2)]
     settings = train.TrainSettings(epochs=1, amp=False, best_metric=None, log_every=1)
-    train.fit(model, pt.pretrain_step, data, torch.optim.AdamW(model.parameters(), lr=1e-3), out_dir=tmp_path,
+    train.fit(model, pretrain.train_step, data, torch.optim.AdamW(model.parameters(), lr=1e-3), out_dir=tmp_path,
               config=cfg, settings=settings, device=torch.device("cpu"))
-    enc = pt.load_encoder(tmp_path / "checkpoints" / "last.pt")
+    enc = ckpt.load_encoder(tmp_path / "checkpoints" / "last.pt")
     x = torch.randn(1, 1, 16, 16, 16)
     model.encoder.eval()
     assert torch.allclose(enc(x)[-1], model.encoder(x), atol=1e-6)
@@ -258,9 +270,9 @@ def test_load_encoder_from_a_training_checkpoint(tmp_path):
 def test_load_encoder_refuses_other_files(tmp_path):
     ckpt.save(tmp_path / "other.pt", {"format": "something else", "weights": torch.zeros(2)})
     with pytest.raises(ckpt.CheckpointError, match="not an encoder checkpoint"):
-        pt.load_encoder(tmp_path / "other.pt")
+        ckpt.load_encoder(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError):
-        pt.load_encoder(tmp_path / "missing.pt")
+        ckpt.load_encoder(tmp_path / "missing.pt")
 
 
 # --------------------------------------------------------------------------- presets
@@ -280,7 +292,7 @@ def test_prod_preset_stops_without_its_real_data(tmp_path):
 def test_every_preset_builds(preset):
     cfg = config.resolve("03_pretrain", preset)
     with torch.device("meta"):  # shapes only: prod's 94M parameters cost nothing here
-        model = pt.build_pretrainer(cfg)
+        model = pretrain.build(cfg)
     assert model.encoder.config["embed_dim"] == cfg.embed_dim
     grid = cfg.img_size // cfg.patch_size
     size, _, _ = model.masking.counts((grid,) * 3)
@@ -292,10 +304,108 @@ def test_every_preset_builds(preset):
 def test_subset_forward_backward():
     cfg = config.resolve("03_pretrain", "subset")
     torch.manual_seed(0)
-    model = pt.build_pretrainer(cfg)
+    model = pretrain.build(cfg)
     for channels, batch in ((1, cfg.batch_size), (3, cfg.ct_batch_size)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(torch.rand(batch, channels, cfg.img_size, cfg.img_size, cfg.img_size))
         out.loss.backward()
         assert math.isfinite(out.loss.item())
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the family: every research value reaches the model
+
+REACHES = {  # 03_pretrain parameter -> where the built pretrainer holds it
+    "mask_ratio": lambda m: m.masking.mask_ratio,
+    "local_ratio": lambda m: m.masking.local_ratio,
+    "min_unmasked_blocks": lambda m: m.masking.min_unmasked_blocks,
+    "contrastive_weight": lambda m: m.contrastive_weight,
+    "contrastive_levels": lambda m: tuple(m.contrastive_levels),
+    "temperature": lambda m: m.contrastive.temperature,
+    "projection_dim": lambda m: m.contrastive.projectors[0].out_channels,
+    "num_samples": lambda m: m.contrastive.num_samples,
+    "spark_dim": lambda m: m.sparse_encoder.channels[-1],
+    "spark_levels": lambda m: len(m.sparse_encoder.stages),
+    "decoder_dim": lambda m: m.decoder.densify[0].out_channels,
+    **{k: (lambda key: lambda m: m.encoder.config[key])(k)
+       for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "wavelet_levels", "pos_embed",
+                 "drop_path", "grad_checkpointing")},
+}
+NOT_THE_MODEL = {"notebook", "preset", "cohort", "real_data", "spacing", "prep_size", "ct_batch_size", "eval_repeats",
+                 *config.COMMON, *config.TRAINING}
+OVERRIDES = {"mask_ratio": 0.5, "local_ratio": 0.5, "min_unmasked_blocks": 3, "contrastive_weight": 0.25,
+             "contrastive_levels": (0, 1, -1), "temperature": 0.2, "projection_dim": 8, "num_samples": 16,
+             "spark_dim": 8, "spark_levels": 0, "decoder_dim": 8, "embed_dim": 12, "depth": 3, "num_heads": 3,
+             "wavelet_levels": 0, "pos_embed": "learned", "drop_path": 0.1, "grad_checkpointing": True,
+             "img_size": 24, "patch_size": 2}
+
+
+def test_every_parameter_of_03_is_checked_below():
+    params = set(config.resolve("03_pretrain", "smoke"))
+    assert params - NOT_THE_MODEL == set(REACHES), "a new model parameter needs a REACHES entry (and an override)"
+    assert set(OVERRIDES) == set(REACHES)
+
+
+@pytest.mark.parametrize("preset", config.PRESETS)
+def test_each_preset_value_reaches_the_model(preset):
+    cfg = config.resolve("03_pretrain", preset)
+    with torch.device("meta"):
+        model = pretrain.build(cfg)
+    for key, held in REACHES.items():
+        assert held(model) == cfg[key], (preset, key, held(model), cfg[key])
+    assert len(model.contrastive.projectors) == len(cfg.contrastive_levels)
+
+
+@pytest.mark.parametrize("key", sorted(OVERRIDES))
+def test_an_override_changes_the_model(key):
+    base = pretrain.build(config.resolve("03_pretrain", "smoke"))
+    model = pretrain.build(config.resolve("03_pretrain", "smoke", **{key: OVERRIDES[key]}))
+    assert REACHES[key](model) == OVERRIDES[key] != REACHES[key](base)
+
+
+def test_the_research_values():
+    for preset in ("subset", "prod"):
+        cfg = config.resolve("03_pretrain", preset)
+        assert {k: cfg[k] for k in ("mask_ratio", "local_ratio", "min_unmasked_blocks", "contrastive_weight",
+                                    "temperature", "projection_dim", "num_samples", "contrastive_levels")} == {
+            "mask_ratio": 0.6, "local_ratio": 0.8, "min_unmasked_blocks": 2, "contrastive_weight": 0.5,
+            "temperature": 0.1, "projection_dim": 128, "num_samples": 256, "contrastive_levels": (0, -1)}, preset
+    # the loss uses the configured weight, not a constant
+    model = pretrain.build(config.resolve("03_pretrain", "smoke", contrastive_weight=0.25))
+    out = model(_volumes(2, 0), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.loss, out.recon + 0.25 * out.contrast)
+
+
+def test_parameter_counts_of_subset_and_prod():
+    """The sizes the closing note of 03 prints (the notes quote ~7.6 M and ~136 M with their heavier head)."""
+    assert pretrain.preset_parameter_counts(("subset", "prod")) == {
+        "subset": {"encoder (WaveFormer3D)": 826_880, "pretrainer (all)": 1_721_792},
+        "prod": {"encoder (WaveFormer3D)": 86_639_616, "pretrainer (all)": 94_496_512}}
+
+
+def test_the_network_module_imports_no_loss_and_no_config():
+    tree = ast.parse((paths.ROOT / "lib" / "models" / "pretrainer.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert {n for n in names if n.startswith("lib")} == {"lib.models.waveformer"}
+
+
+# --------------------------------------------------------------------------- the family: held-out rows
+
+def test_heldout_rows_and_files(tmp_path):
+    scores = {"MRI": {"model": 0.4, "mean_patch": 1.0, "masked_patches": 96, "volumes": 7},
+              "CT": {"model": 0.61234567, "mean_patch": 0.5, "masked_patches": 32, "volumes": 1}}
+    rows = pretrain.evaluate(scores, tmp_path)
+    assert rows == [
+        {"task": "masked-patch reconstruction", "metric": "per-patch-normalised MSE on masked patches, MRI",
+         "headline": False, "higher_is_better": False, "value": 0.4, "baseline": "predicting the mean patch",
+         "baseline_value": 1.0, "split": "test", "n": 7, "seeds": ""},
+        {"task": "masked-patch reconstruction", "metric": "per-patch-normalised MSE on masked patches, CT",
+         "headline": False, "higher_is_better": False, "value": 0.6123, "baseline": "predicting the mean patch",
+         "baseline_value": 0.5, "split": "test", "n": 1, "seeds": ""}]
+    assert json.loads((tmp_path / "heldout_metrics.json").read_text()) == rows
+    table = pd.read_csv(tmp_path / "heldout_reconstruction.csv")  # 08 and older readers take this table
+    assert list(table.columns) == ["modality", "pretrained", "mean patch", "masked_patches", "volumes", "reduction"]
+    assert table["reduction"].tolist() == pytest.approx([0.6, 1 - 0.61234567 / 0.5])
+    (row, _) = summary.run_rows("ssl_pretraining", tmp_path, "demo")
+    assert row["value"] == 0.4 and row["higher_is_better"] is False and row["n"] == 7 and row["run_id"] == tmp_path.name

@@ -3,7 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from lib import runs, summary
+from lib import families, runs, summary
+from lib.families import results as heldout
 
 
 def _run(notebook, preset, status="completed", rows=None):
@@ -35,8 +36,8 @@ def test_missing_families_are_listed_and_losses_said_plainly(results):
            "baseline": "subtraction", "baseline_value": 0.42, "split": "test", "n": 16, "seeds": "0"}
     run = _run("05_cxr_change", "demo", rows=[row])
     rows = []
-    for family, (notebook, _) in summary.FAMILIES.items():
-        rows += summary.run_rows(family, summary.latest_run(notebook, "demo", results_root=results), "demo")
+    for f in families.FAMILIES.values():
+        rows += summary.run_rows(f.name, summary.latest_run(f.notebook, "demo", results_root=results), "demo")
     table = summary.write_summary(rows, results)
     assert list(table.columns) == summary.ROW_KEYS
     assert (table.set_index("family").loc["ssl_pretraining", "task"]) == "missing"
@@ -59,8 +60,12 @@ def test_one_headline_per_family_and_the_run_seed_fills_empty_seeds(results):
     row = {"task": "t", "metric": "psnr", "headline": True, "higher_is_better": True, "value": 2.0,
            "baseline": "mean", "baseline_value": 1.0, "split": "test", "n": 3, "seeds": ""}
     two = _run("06_xray_to_ct", "demo", rows=[row, {**row, "metric": "ssim"}])
+    (refused,) = summary.run_rows("xray_to_ct", two.dir, "demo")  # a run's file is checked when it is read
+    assert refused["task"] == "missing" and "2 headline rows ['psnr', 'ssim']" in refused["metric"]
+    gathered = [{**row, "family": "xray_to_ct", "run_id": two.run_id},  # rows from several sources (07's hooks)
+                {**row, "metric": "ssim", "family": "xray_to_ct", "run_id": two.run_id}]
     with pytest.raises(ValueError, match=r"xray_to_ct \(runs .*\) has 2 headline rows \['psnr', 'ssim'\]"):
-        summary.write_summary(summary.run_rows("xray_to_ct", two.dir, "demo"), results)
+        summary.write_summary(gathered, results)
     none = _run("06_xray_to_ct", "demo", rows=[{**row, "headline": False}])
     with pytest.raises(ValueError, match="has 0 headline rows"):
         summary.write_summary(summary.run_rows("xray_to_ct", none.dir, "demo"), results)
@@ -70,27 +75,24 @@ def test_one_headline_per_family_and_the_run_seed_fills_empty_seeds(results):
     assert [r["seeds"] for r in rows] == ["0", "4,5"]  # _run records seed 0
 
 
-def test_family_readers_turn_saved_scores_into_rows_beside_baselines(tmp_path):
+def test_rows_come_from_heldout_metrics_json_only(tmp_path):
+    """Each family's evaluate writes its rows (tests/test_<family>.py pin them); the summary adds the family,
+    preset, run id and the run's seed, and reads no other file of a run."""
     d = tmp_path / "run"
     d.mkdir()
-    pd.DataFrame([{"comparison": c, "subject": f"s{i}", "psnr_db": p, "ssim": 0.5, "mae_changed_hu": m, "changed_voxels": n}
-                  for c, p, m in (("translation", 20.0, 50.0), ("identity", 18.0, 250.0), ("vae_ceiling", 30.0, 20.0))
-                  for i, n in ((0, 100), (1, 300))]).to_csv(d / "scores_per_series.csv", index=False)
-    rows = summary.run_rows("ct_diffusion", d, "demo")
-    head = [r for r in rows if r["headline"]]
-    assert len(head) == 1 and head[0]["value"] == 50.0 and head[0]["baseline_value"] == 250.0
-    assert summary.verdict(head[0]) == "better than baseline" and head[0]["n"] == 2
-    ceiling = [r for r in rows if "ceiling" in r["baseline"] and r["metric"] == head[0]["metric"]]
-    assert ceiling[0]["baseline_value"] == 20.0 and summary.verdict(ceiling[0]) == "short of the ceiling by 30"
-    pd.DataFrame([{"method": "model", "dice": 0.5, "pixel_auc": 0.9, "fp_area": 0.01},
-                  {"method": "subtraction", "dice": 0.3, "pixel_auc": 0.8, "fp_area": 0.05}]).to_csv(d / "test_scores.csv", index=False)
-    pd.DataFrame({"pair": list("abcde"), "nuisance_only": [1, 0, 0, 0, 1]}).to_csv(d / "test_pairs.csv", index=False)
-    rows = summary.run_rows("cxr_change", d, "demo")
-    assert [r["metric"] for r in rows if r["headline"]] == ["Dice on changed pixels (mean over pairs with change)"]
-    assert all(summary.verdict(r) == "better than baseline" for r in rows)
-    assert [r["n"] for r in rows] == [3, 5, 2]  # pairs with change, all pairs, nuisance-only pairs
     pd.DataFrame([{"modality": "MRI", "pretrained": 0.4, "mean patch": 1.0, "volumes": 7}]).to_csv(d / "heldout_reconstruction.csv", index=False)
-    (row,) = summary.run_rows("ssl_pretraining", d, "demo")
-    assert row["value"] == 0.4 and row["higher_is_better"] is False and row["n"] == 7
-    (missing,) = summary.run_rows("xray_to_ct", d, "demo")
+    (missing,) = summary.run_rows("ssl_pretraining", d, "demo")  # a family's own files are not read
     assert missing["task"] == "missing" and "wrote no heldout_metrics.json" in missing["metric"]
+    written = [heldout.row("t", "mse, MRI", 0.4, "mean", 1.0, higher_is_better=False, n=7),
+               heldout.row("t", "dice", 0.5, "subtraction", 0.3, higher_is_better=True, n=3, headline=True, seeds="1,2")]
+    heldout.write_heldout(d, written)
+    rows = summary.run_rows("cxr_change", d, "demo")
+    assert [{k: r[k] for k in written[0]} for r in rows] == written
+    assert all(r["family"] == "cxr_change" and r["preset"] == "demo" and r["run_id"] == "run" for r in rows)
+    assert rows[0]["value"] == 0.4 and rows[0]["higher_is_better"] is False and rows[0]["n"] == 7
+    assert summary.verdict(rows[0]) == "better than baseline" and summary.verdict(rows[1]) == "better than baseline"
+    (d / "heldout_metrics.json").write_text(json.dumps([{"task": "t"}]))
+    (bad,) = summary.run_rows("xray_to_ct", d, "demo")
+    assert bad["task"] == "missing" and "heldout_metrics.json unusable" in bad["metric"] and "lacks" in bad["metric"]
+    (missing,) = summary.run_rows("xray_to_ct", None, "demo")
+    assert missing["metric"] == "no completed 06_xray_to_ct run at preset demo"

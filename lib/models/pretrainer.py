@@ -3,10 +3,10 @@ dense encoder/decoder over the masked grid, masked-voxel reconstruction and spat
 
 One forward pass of :class:`WaveFormerSparKMiMPretrainer` on ``x`` [B, 1 or 3, D, H, W]:
 
-1. **Masked input.** The patch embedding turns ``x`` into tokens [B, E, d, h, w];
-   :class:`~lib.losses.masking.MiMHierarchicalMasking` draws the global mask (60 % of blocks) and the
-   local mask nested in it; masked tokens are replaced by a learned ``mask_token`` *before* the
-   transformer, so the encoder never sees a masked voxel.
+1. **Masked input.** The patch embedding turns ``x`` into tokens [B, E, d, h, w]; the ``masking`` it
+   is given (the family passes :class:`~lib.losses.masking.MiMHierarchicalMasking`) draws the global
+   mask (60 % of blocks) and the local mask nested in it; masked tokens are replaced by a learned
+   ``mask_token`` *before* the transformer, so the encoder never sees a masked voxel.
 2. **Encoder.** The WaveFormer blocks run on that grid (all ``depth`` maps are kept).
 3. **SparK-style sparse levels** (:class:`SparseEncoder3D`): the final map, with masked positions
    emptied (zero), and ``spark_levels`` stride-2 stages computed as SparK emulates sparse convolution
@@ -19,32 +19,30 @@ One forward pass of :class:`WaveFormerSparKMiMPretrainer` on ``x`` [B, 1 or 3, D
    patch (``patch_size**3 * C`` values).
 5. **Losses.** Reconstruction: MSE against the per-patch-normalised voxel patch (mean 0, variance 1 per
    patch, as MAE and SparK), over masked tokens only (reported also for the local "hard" and the
-   global-only "easy" targets). Contrastive: :class:`~lib.losses.contrastive.SpatialInfoNCE` between
-   encoder depths ``contrastive_levels`` at visible locations. ``loss = recon + 0.5 * contrast``.
+   global-only "easy" targets). Contrastive: the module that ``contrastive`` builds (the family passes
+   :class:`~lib.losses.contrastive.SpatialInfoNCE`) between encoder depths ``contrastive_levels`` at
+   visible locations. ``loss = recon + contrastive_weight * contrast`` (0.5).
 
 Why not the research notes' objective (reconstruct the backbone's own features at masked positions of
 an unmasked input): that target moves with the encoder and is met by collapsing the features, and an
 encoder that saw the input cannot learn to infer what was hidden. Voxel targets cannot collapse.
 
-The encoder's checkpoint (``encoder.pt``) is written and read by :mod:`lib.checkpoint`
-(``save_encoder`` / ``load_encoder``).
+The masking and the contrastive loss come in as constructor arguments, so this module imports no loss
+and every research value (mask ratios, temperature, ...) is set by whoever builds the network
+(:func:`lib.families.pretrain.build` from a resolved configuration). The steps, the held-out evaluation
+and the encoder's checkpoint live in :mod:`lib.families.pretrain` and :mod:`lib.checkpoint`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.config import args_for
-from lib.losses.contrastive import SpatialInfoNCE
-from lib.losses.masking import MiMHierarchicalMasking, MiMMasks
 from lib.models.waveformer import IN_CHANNELS, WaveFormer3D
-
-EVAL_SEED = 20250  # masks of eval_step: the same for every validation, so val losses compare
 
 
 # --------------------------------------------------------------------------- patches
@@ -202,7 +200,7 @@ class PretrainOutput:
     recon_easy: torch.Tensor    # ... over the global-only ("easy") masked tokens
     pred: torch.Tensor          # [B, N, C * p**3] predicted normalised patches (every token)
     target: torch.Tensor        # [B, N, C * p**3] normalised voxel patches
-    masks: MiMMasks
+    masks: Any                  # what the masking drew: .masked, .local, .visible [B, d, h, w], .block_size
     features: list              # the encoder's maps [B, E, d, h, w], one per block
 
     def metrics(self) -> dict[str, torch.Tensor]:
@@ -220,27 +218,36 @@ class WaveFormerSparKMiMPretrainer(nn.Module):
 
     Args:
         encoder: the backbone to pre-train (kept as ``self.encoder``; its weights are what is exported).
+        masking: draws the masks, ``masking(batch_size, grid, generator=, device=)`` -> an object with
+            ``masked`` and ``local`` [B, d, h, w] booleans, ``visible`` and ``block_size``
+            (:class:`lib.losses.masking.MiMHierarchicalMasking`); kept as ``self.masking``.
+        contrastive: builds the cross-level contrastive loss from the channel counts of the compared
+            maps, ``contrastive([E, E]) -> module(features, visible, generator) -> scalar`` (e.g.
+            ``functools.partial(SpatialInfoNCE, projection_dim=128, temperature=0.1, num_samples=256)``);
+            the module is ``self.contrastive``. It is built here, after the decoder, because its
+            projections draw their initial weights from torch's generator in that order.
         spark_dim, spark_levels: channels and number of stride-2 sparse stages above the token grid.
             With the adaptive MiM block edge b, levels <= log2(b) (1 at grids <= 8, 2 at 16) make every
             level hold fully masked positions, so every level's mask token is trained at every step.
         decoder_dim: width of the light decoder.
-        mask_ratio, local_ratio, min_unmasked_blocks: :class:`MiMHierarchicalMasking`.
-        contrastive_weight: weight of the InfoNCE term (0.5).
+        contrastive_weight: weight of the contrastive term (0.5).
         contrastive_levels: indices of the encoder blocks whose maps the InfoNCE compares (shallow -> deep).
-        projection_dim, temperature, num_samples: :class:`SpatialInfoNCE`.
         norm_eps: epsilon of the per-patch normalisation of the targets.
 
     ``forward(x, masks=None, generator=None)``: ``x`` [B, 1 or 3, D, H, W] -> :class:`PretrainOutput`.
     Masks are drawn from ``generator`` (or torch's global generator) unless given.
     """
 
-    def __init__(self, encoder: WaveFormer3D, *, spark_dim: int = 128, spark_levels: int = 1, decoder_dim: int = 64,
-                 mask_ratio: float = 0.6, local_ratio: float = 0.8, min_unmasked_blocks: int = 2,
-                 contrastive_weight: float = 0.5, contrastive_levels: Sequence[int] = (0, -1),
-                 projection_dim: int = 128, temperature: float = 0.1, num_samples: int = 256, norm_eps: float = 1e-6):
+    def __init__(self, encoder: WaveFormer3D, *, masking: Callable[..., Any],
+                 contrastive: Callable[[list[int]], nn.Module], spark_dim: int = 128, spark_levels: int = 1,
+                 decoder_dim: int = 64, contrastive_weight: float = 0.5, contrastive_levels: Sequence[int] = (0, -1),
+                 norm_eps: float = 1e-6):
         super().__init__()
         if not isinstance(encoder, WaveFormer3D):
             raise ValueError(f"WaveFormerSparKMiMPretrainer: encoder must be a WaveFormer3D, got {type(encoder).__name__}")
+        if not callable(masking) or not callable(contrastive):
+            raise ValueError(f"WaveFormerSparKMiMPretrainer: masking and contrastive must be callables, got "
+                             f"{type(masking).__name__} and {type(contrastive).__name__}")
         levels = [int(i) for i in contrastive_levels]
         if len(levels) < 2 or any(not -encoder.depth <= i < encoder.depth for i in levels):
             raise ValueError(f"WaveFormerSparKMiMPretrainer: contrastive_levels must be >= 2 block indices in "
@@ -251,19 +258,18 @@ class WaveFormerSparKMiMPretrainer(nn.Module):
         self.encoder = encoder
         self.mask_token = nn.Parameter(torch.zeros(1, e, 1, 1, 1))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.masking = MiMHierarchicalMasking(mask_ratio, local_ratio, min_unmasked_blocks)
+        self.masking = masking
         self.sparse_encoder = SparseEncoder3D(e, spark_dim, spark_levels)
         self.decoder = LightDecoder3D(self.sparse_encoder.channels, decoder_dim)
         self.heads = nn.ModuleDict({f"{c}ch": nn.Conv3d(decoder_dim, c * p ** 3, kernel_size=1) for c in IN_CHANNELS})
-        self.contrastive = SpatialInfoNCE([e] * len(levels), projection_dim, temperature, num_samples)
+        self.contrastive = contrastive([e] * len(levels))
         self.contrastive_levels, self.contrastive_weight, self.norm_eps = levels, float(contrastive_weight), norm_eps
 
-    def draw_masks(self, x: torch.Tensor, generator: torch.Generator | None = None) -> MiMMasks:
+    def draw_masks(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Any:
         grid = [s // self.encoder.patch_size for s in x.shape[2:]]
         return self.masking(x.shape[0], grid, generator=generator, device=x.device)
 
-    def forward(self, x: torch.Tensor, masks: MiMMasks | None = None,
-                generator: torch.Generator | None = None) -> PretrainOutput:
+    def forward(self, x: torch.Tensor, masks: Any = None, generator: torch.Generator | None = None) -> PretrainOutput:
         tokens = self.encoder.embed(x)  # validates shape and channels
         b, grid = x.shape[0], tokens.shape[2:]
         if masks is None:
@@ -290,127 +296,3 @@ class WaveFormerSparKMiMPretrainer(nn.Module):
             recon_local=_masked_mean(per_token, masks.local),
             recon_easy=_masked_mean(per_token, masks.masked & ~masks.local),
             pred=pred, target=target, masks=masks, features=maps)
-
-
-def build_pretrainer(config: Mapping[str, Any]) -> WaveFormerSparKMiMPretrainer:
-    """A pretrainer whose encoder and heads take the same-named keys of ``config`` (others are ignored),
-    e.g. a notebook's resolved configuration."""
-    return WaveFormerSparKMiMPretrainer(WaveFormer3D(**args_for(WaveFormer3D, config)),
-                                        **args_for(WaveFormerSparKMiMPretrainer, config, skip=("encoder",)))
-
-
-# --------------------------------------------------------------------------- steps for lib.train.fit
-
-def _volume(batch: Any) -> torch.Tensor:
-    """A batch of :class:`lib.data.datasets.AlternatingLoader` (``(modality, x)``) or a bare tensor."""
-    return batch[1] if isinstance(batch, (tuple, list)) else batch
-
-
-def pretrain_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
-    """``lib.train.fit`` step: masks from torch's (seeded) global generator."""
-    out = model(_volume(batch))
-    return out.loss, out.metrics()
-
-
-def eval_step(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
-    """Validation step: the same masks (``EVAL_SEED``) at every validation, so the numbers compare."""
-    x = _volume(batch)
-    out = model(x, generator=torch.Generator(device=x.device).manual_seed(EVAL_SEED))
-    return out.loss, out.metrics()
-
-
-# --------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def mean_patch(volumes: Iterable[torch.Tensor], patch_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """The mean per-patch-normalised patch over every token of ``volumes`` (batches [B, C, D, H, W])."""
-    total, count = None, 0
-    for x in volumes:
-        t, _, _ = normalise_patches(patchify(_volume(x).float(), patch_size), eps)
-        s = t.sum(dim=(0, 1))
-        total = s if total is None else total + s
-        count += t.shape[0] * t.shape[1]
-    if total is None:
-        raise ValueError("mean_patch: no volumes given")
-    return total / count
-
-
-@torch.no_grad()
-def heldout_reconstruction(model: WaveFormerSparKMiMPretrainer, volumes: Iterable[torch.Tensor],
-                           baseline: torch.Tensor, repeats: int = 4, seed: int = 0,
-                           device: torch.device | str = "cpu") -> dict[str, float]:
-    """Reconstruction loss of ``model`` and of predicting ``baseline`` (the mean patch) on held-out volumes.
-
-    Both are the per-patch-normalised MSE over the same masked tokens: ``repeats`` mask draws per
-    batch from a generator seeded with ``seed``. Returns means over all masked tokens (fp32, eval mode),
-    the number of masked tokens and of volumes.
-    """
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sums = {"model": 0.0, "mean_patch": 0.0}
-    n = count = 0
-    for x in volumes:
-        x = _volume(x).to(device).float()
-        count += x.shape[0]
-        for _ in range(repeats):
-            out = model(x, generator=generator)
-            m = out.masks.masked.reshape(x.shape[0], -1)
-            sums["model"] += float(((out.pred - out.target) ** 2).mean(-1)[m].sum())
-            sums["mean_patch"] += float(((baseline.to(device) - out.target) ** 2).mean(-1)[m].sum())
-            n += int(m.sum())
-    model.train(was_training)
-    if n == 0:
-        raise ValueError("heldout_reconstruction: no volumes given")
-    return {"model": sums["model"] / n, "mean_patch": sums["mean_patch"] / n, "masked_patches": n, "volumes": count}
-
-
-@torch.no_grad()
-def location_variance_ratio(features: torch.Tensor) -> float:
-    """Share of a feature map's variance that lies across locations within a sample.
-
-    ``features`` [B, C, *grid] -> mean over channels of var(across locations, per sample) divided by the
-    mean over channels of var(across samples and locations). 0 for collapsed (location-independent)
-    features, 1 when samples share their mean and only locations differ.
-    """
-    f = features.float().flatten(2)
-    within = f.var(dim=2, unbiased=False).mean()
-    total = f.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).mean()
-    return float(within / total.clamp(min=1e-12))
-
-
-@torch.no_grad()
-def content_variance_ratio(features: torch.Tensor) -> float:
-    """Share of a feature map's variance that lies across inputs at the same location.
-
-    ``features`` [B, C, *grid] (B >= 2 different inputs) -> mean over channels and locations of
-    var(across samples) divided by the mean over channels of var(across samples and locations). 0 when
-    the features depend on the position only (or on nothing): content has collapsed.
-    """
-    f = features.float().flatten(2)
-    across = f.var(dim=0, unbiased=False).mean()
-    total = f.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).mean()
-    return float(across / total.clamp(min=1e-12))
-
-
-@torch.no_grad()
-def reconstruction_example(model: WaveFormerSparKMiMPretrainer, x: torch.Tensor,
-                           generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Input, mask and reconstruction of one batch, as voxel volumes [B, C, D, H, W].
-
-    ``mask`` is 1 on masked voxels. ``reconstruction`` keeps the visible voxels and fills the masked
-    patches with the prediction, un-normalised with each true patch's mean and std (MAE's display
-    convention: the model predicts the normalised patch, not its brightness).
-    """
-    was_training = model.training
-    model.eval()
-    x = x.float()
-    out = model(x, generator=generator)
-    model.train(was_training)
-    p, c = model.encoder.patch_size, x.shape[1]
-    grid = [s // p for s in x.shape[2:]]
-    _, mean, std = normalise_patches(patchify(x, p), model.norm_eps)
-    filled = torch.where(out.masks.masked.reshape(x.shape[0], -1, 1), out.pred * std + mean, patchify(x, p))
-    mask = out.masks.masked.float().reshape(x.shape[0], -1, 1).expand(-1, -1, c * p ** 3)
-    return {"input": x, "mask": unpatchify(mask, c, p, grid), "reconstruction": unpatchify(filled, c, p, grid),
-            "recon": out.recon}

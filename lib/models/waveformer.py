@@ -26,7 +26,7 @@ Positional encoding: ``"sincos"`` (fixed, computed for whatever grid the input h
 (a table at the grid of ``img_size``, trilinearly resized for other grids); both work at any grid.
 ``grad_checkpointing=True`` recomputes each block in the backward pass (activation memory of one block
 instead of all) when training. ``self.config`` holds the constructor arguments, so a checkpoint can
-rebuild the module (see :func:`lib.models.pretrainer.save_encoder`).
+rebuild the module (see :func:`lib.checkpoint.save_encoder`).
 """
 
 from __future__ import annotations

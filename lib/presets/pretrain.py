@@ -26,6 +26,7 @@ NB_03 = _spec(
         "local_ratio": Param(0.8, float, "MiM local mask: fraction of the masked region masked again, the hard targets (note: 0.8)"),
         "min_unmasked_blocks": Param(2, int, "MiM: blocks always left visible (note: 2)"),
         "contrastive_weight": Param(0.5, float, "loss = reconstruction + this x spatial InfoNCE (note: 0.5)"),
+        "contrastive_levels": Param((0, -1), tuple, "encoder blocks whose maps the InfoNCE ties together, shallow to deep (note: first and last)"),
         "temperature": Param(0.1, float, "InfoNCE temperature (note: 0.07-0.1)"),
         "projection_dim": Param(128, int, "InfoNCE 1x1x1 projection width (note: 128)"),
         "num_samples": Param(256, int, "visible locations per sample in the InfoNCE (note: 256)"),

@@ -10,12 +10,17 @@ Arms, with the same architecture (encoder -> mean over tokens -> linear logit), 
 seeds: ``scratch`` (the encoder freshly initialised), ``finetune`` (initialised from the 03_pretrain
 encoder, all weights trained) and ``probe`` (pre-trained encoder frozen, only the head trained). Test
 ROC AUC over all test patches, per seed; the summary reports mean ± std over seeds.
+
+Every training number (seeds, epochs, patch size, patches per subject, learning rate, weight decay,
+batch size) is a parameter of 07_evaluate (``downstream_*`` in :mod:`lib.presets.evaluate`);
+:func:`compare` reads them from its resolved configuration.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -24,20 +29,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lib.data.datasets import normalise_mri, subjects
+from lib import metrics, runs
+from lib.data.datasets import AlternatingLoader, normalise_mri, subjects
 from lib.data.io import load_volume
 from lib.data.transforms import ct_windows
+from lib.models.waveformer import WaveFormer3D
+from lib.train import adamw, fit
 
 ARMS = ("scratch", "finetune", "probe")
+DATA_SEED = 0  # the task's patches are the same for every training seed: seeds vary the training only
 
 
 def _centres(rng: np.random.Generator, vessels: np.ndarray, blob: np.ndarray | None, n: int, half: int,
-             keep_away: float) -> tuple[list, list]:
+             keep_away: float, jitter: int) -> tuple[list, list]:
     shape = np.array(vessels.shape)
     inside = lambda c: np.clip(c, half, shape - half)  # noqa: E731
     pos = []
     if blob is not None:
-        pos = [inside(blob + rng.integers(-2, 3, 3)) for _ in range(n)]
+        pos = [inside(blob + rng.integers(-jitter, jitter + 1, 3)) for _ in range(n)]
     candidates = np.argwhere(vessels)
     if blob is not None:
         candidates = candidates[np.linalg.norm(candidates - blob, axis=1) > keep_away]
@@ -50,10 +59,13 @@ def _patch(volume: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
     return volume[:, lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size]
 
 
-def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, seed: int = 0,
-                 with_centres: bool = False) -> dict:
+def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, seed: int = DATA_SEED,
+                 with_centres: bool = False, jitter: int = 2, margin: float = 4.0) -> dict:
     """``{"CT": (x [N,3,s,s,s], y [N]), "MRI": (x [N,1,s,s,s], y [N])}`` for one split
-    (``with_centres``: a third element, the list of (subject, centre voxel))."""
+    (``with_centres``: a third element, the list of (subject, centre voxel)).
+
+    ``jitter``: positives sit up to this many voxels off the blob centre per axis; negatives lie more
+    than ``size / 2 + margin`` voxels from it (so no negative patch holds the blob)."""
     root = Path(root)
     out = {}
     for modality, dataset, name in (("CT", "head_ct", "ct.nii.gz"), ("MRI", "brain_mri", "mra.nii.gz")):
@@ -67,7 +79,7 @@ def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, 
                 array = normalise_mri(v.array)
                 vessels = array[0] > 0.6
             blob = np.array([int(t) for t in str(s["aneurysm_voxel"]).split()]) if int(s["aneurysm"]) else None
-            pos, neg = _centres(rng, vessels, blob, per_subject, size // 2, keep_away=size / 2 + 4)
+            pos, neg = _centres(rng, vessels, blob, per_subject, size // 2, keep_away=size / 2 + margin, jitter=jitter)
             xs += [_patch(array, c, size) for c in pos + neg]
             ys += [1.0] * len(pos) + [0.0] * len(neg)
             where += [(s["subject"], tuple(int(v) for v in c)) for c in pos + neg]
@@ -88,8 +100,7 @@ class BlobClassifier(nn.Module):
 
 
 def make_model(arm: str, pretrained: nn.Module, seed: int) -> BlobClassifier:
-    from lib.models.waveformer import WaveFormer3D
-
+    """The classifier of ``arm`` around a copy of ``pretrained`` (``scratch``: a fresh encoder of its shape)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
     torch.manual_seed(seed)
@@ -103,7 +114,8 @@ def make_model(arm: str, pretrained: nn.Module, seed: int) -> BlobClassifier:
     return BlobClassifier(encoder, pretrained.embed_dim)
 
 
-def _step(model, batch):
+def train_step(model: BlobClassifier, batch: Any) -> torch.Tensor:
+    """``lib.train.fit`` step on an :class:`AlternatingLoader` batch ``(modality, (x, y))``."""
     _, (x, y) = batch
     logits = model(x)
     return F.binary_cross_entropy_with_logits(logits.float(), y.float())
@@ -120,26 +132,36 @@ def scores(model: BlobClassifier, data: dict, device: torch.device) -> tuple[tor
     return torch.cat(s), torch.cat(y)
 
 
-def compare(pretrained: nn.Module, root: str | Path, out_dir: str | Path, config: dict, seeds: int, epochs: int,
-            size: int, device: torch.device, batch_size: int = 8) -> pd.DataFrame:
-    """Train every arm for every seed; one row per (arm, seed) with the test AUC."""
-    from lib import metrics, runs
-    from lib.data.datasets import AlternatingLoader
-    from lib.train import adamw, fit
+def train_arm(model: BlobClassifier, train: dict, val: dict, out_dir: str | Path, config: Mapping[str, Any],
+              seed: int, device: torch.device) -> BlobClassifier:
+    """Train one arm in place with ``lib.train.fit``: only the weights that require gradients are given to
+    the optimizer (a probe's encoder is not). ``config``: 07_evaluate's (``downstream_*`` keys)."""
+    batch = config["downstream_batch_size"]
+    loaders = {m: DataLoader(TensorDataset(*xy), batch_size=batch, shuffle=True, **runs.loader_seeding(seed))
+               for m, xy in train.items()}
+    val_loaders = {m: DataLoader(TensorDataset(*xy), batch_size=batch) for m, xy in val.items()}
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=config["downstream_lr"],
+                      weight_decay=config["downstream_weight_decay"])
+    fit_config = {**config, "epochs": config["downstream_epochs"], "ema_decay": None, "best_metric": "val_loss",
+                  "seed": seed}
+    fit(model, train_step, AlternatingLoader(loaders), optimizer, out_dir=out_dir, config=fit_config,
+        val_loader=AlternatingLoader(val_loaders), device=device, settings=None)
+    return model
 
-    data = {split: blob_patches(root, split, size) for split in ("train", "val", "test")}
+
+def compare(pretrained: nn.Module, root: str | Path, out_dir: str | Path, config: Mapping[str, Any],
+            device: torch.device) -> pd.DataFrame:
+    """Train every arm for every seed (``config``: 07_evaluate's resolved configuration); one row per
+    (arm, seed) with the test AUC. Each training writes its logs under ``out_dir/<arm>-seed<seed>``."""
+    data = {split: blob_patches(root, split, config["downstream_size"], config["downstream_per_subject"])
+            for split in ("train", "val", "test")}
     rows = []
-    for seed in range(seeds):
+    for seed in range(config["downstream_seeds"]):
         for arm in ARMS:
             runs.seed_everything(seed)
             model = make_model(arm, pretrained, seed)
-            loaders = {m: DataLoader(TensorDataset(*xy), batch_size=batch_size, shuffle=True, **runs.loader_seeding(seed))
-                       for m, xy in data["train"].items()}
-            val = {m: DataLoader(TensorDataset(*xy), batch_size=batch_size) for m, xy in data["val"].items()}
-            optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
-            cfg = {**config, "epochs": epochs, "ema_decay": None, "best_metric": "val_loss", "arm": arm, "seed": seed}
-            fit(model, _step, AlternatingLoader(loaders), optimizer, out_dir=Path(out_dir) / f"{arm}-seed{seed}",
-                config=cfg, val_loader=AlternatingLoader(val), device=device, settings=None)
+            train_arm(model, data["train"], data["val"], Path(out_dir) / f"{arm}-seed{seed}", {**config, "arm": arm},
+                      seed, device)
             s, y = scores(model.to(device), data["test"], device)
             rows.append({"arm": arm, "seed": seed, "test_auc": metrics.auc(s, y),
                          "test_accuracy": float(((s > 0).float() == y).float().mean()), "n_test": len(y),
