@@ -96,3 +96,29 @@ def test_rows_come_from_heldout_metrics_json_only(tmp_path):
     assert bad["task"] == "missing" and "heldout_metrics.json unusable" in bad["metric"] and "lacks" in bad["metric"]
     (missing,) = summary.run_rows("xray_to_ct", None, "demo")
     assert missing["metric"] == "no completed 06_xray_to_ct run at preset demo"
+
+
+def test_every_row_is_judged_against_its_own_baseline(results):
+    """Not only the headline: each row's verdict in summary.csv and summary.md compares its own value with
+    its own baseline column, in its own direction (a mutation that judged every row by the headline's
+    baseline, or by one direction, passed the older tests)."""
+    def r(metric, value, baseline, baseline_value, higher, headline=False):
+        return heldout.row("change map", metric, value, baseline, baseline_value, higher, n=4, headline=headline)
+
+    rows = [r("dice", 0.8, "subtraction", 0.7, True, headline=True),   # better
+            r("auc", 0.6, "subtraction", 0.9, True),                   # worse, though the headline wins
+            r("fp area", 0.1, "subtraction", 0.3, False),              # lower is better: better
+            r("fp area, smoothed", 0.1, "smoothed subtraction", 0.05, False),  # worse against its own baseline
+            r("dice", 0.8, "VAE round trip (ceiling)", 0.9, True)]     # a ceiling: short of it
+    run = _run("05_cxr_change", "demo", rows=rows)
+    table = summary.write_summary(summary.run_rows("cxr_change", run.dir, "demo"), results_root=results)
+    verdicts = [summary.verdict(row) for _, row in table.iterrows()]
+    assert verdicts == ["better than baseline", "WORSE than baseline", "better than baseline", "WORSE than baseline",
+                        "short of the ceiling by 0.1"]
+    md = (results / "summary.md").read_text()
+    for row, verdict in zip(rows, verdicts):
+        line = next(l for l in md.splitlines() if f"| {row['baseline']} | {summary._fmt(row['baseline_value'])} |" in l
+                    and row["metric"] in l)
+        assert f"| {verdict} |" in line, line
+    saved = pd.read_csv(results / "summary.csv", keep_default_na=False)
+    assert saved["baseline_value"].astype(float).tolist() == [0.7, 0.9, 0.3, 0.05, 0.9]
