@@ -1,13 +1,16 @@
-"""lib.models.diffusion: the series denoiser, MONAI's cosine/v-prediction/DDIM schedules (against the closed
-forms), reproducible sampling, the training loss, the stage-2 model through lib.train.fit, and a grayscale
-float32 path from the data set to the generated series."""
+"""lib.models.diffusion: the series denoiser and the stage-2 model; with the family's MONAI cosine/v-prediction/DDIM
+schedules (against the closed forms) and sampling loop (lib.families.ct_diffusion: reproducible), the training loss
+(lib.losses.diffusion), the stage-2 model through lib.train.fit, and a grayscale float32 path from the data set to
+the generated series."""
 
-import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+from lib.families import ct_diffusion as F
+from lib.losses import diffusion as L
 from lib.models import diffusion as D
 from lib.models.vae import FrameVAE
 
@@ -101,7 +104,7 @@ def test_prod_configuration():
 
 
 def test_cosine_schedule_matches_the_closed_form():
-    sched = D.noise_scheduler()
+    sched = F.noise_scheduler()
     T, s = 1000, 8e-3
     t = np.arange(T + 1)
     f = np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
@@ -109,7 +112,7 @@ def test_cosine_schedule_matches_the_closed_form():
     np.testing.assert_allclose(sched.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-4, atol=1e-9)
     assert float(sched.alphas_cumprod[-1]) < 1e-8  # SNR ~ 0 at the end: why v-prediction
     assert sched.prediction_type == "v_prediction"
-    ddim = D.ddim_scheduler()
+    ddim = F.ddim_scheduler()
     assert ddim.clip_sample is False and len(ddim.timesteps) == 50 and int(ddim.timesteps[0]) == 999
     torch.testing.assert_close(ddim.alphas_cumprod, sched.alphas_cumprod)
 
@@ -118,10 +121,10 @@ def test_ddim_sampling_matches_a_reference_loop_and_does_not_clip():
     ldm = D.LatentDiffusion(tiny_vae(), tiny_denoiser())
     ldm.denoiser = Oracle()
     cond = torch.randn(2, 4, 3, 4, 4) * 3  # latents well outside [-1, 1]
-    got = ldm.sample(cond, num_inference_steps=10, seed=7)
+    got = F.sample(ldm, cond, num_inference_steps=10, seed=7)
 
     # DDIM (Song et al. 2021, eq. 12, eta = 0) with v-prediction, written from the formulas
-    a = D.noise_scheduler().alphas_cumprod.double()
+    a = F.noise_scheduler().alphas_cumprod.double()
     z = torch.randn(cond.shape, generator=torch.Generator().manual_seed(7)).double()
     steps = torch.linspace(999, 0, 10).round().long()
     for t in steps.tolist():
@@ -138,15 +141,15 @@ def test_ddim_sampling_matches_a_reference_loop_and_does_not_clip():
 def test_sampling_is_reproducible():
     ldm = D.LatentDiffusion(tiny_vae(), _perturb(tiny_denoiser())).eval()
     baseline = torch.rand(1, 1, 3, 16, 16) * 2 - 1
-    a = ldm.translate(baseline, num_inference_steps=4, seed=3)
-    b = ldm.translate(baseline, num_inference_steps=4, seed=3)
-    c = ldm.translate(baseline, num_inference_steps=4, seed=4)
+    a = F.translate(ldm, baseline, num_inference_steps=4, seed=3)
+    b = F.translate(ldm, baseline, num_inference_steps=4, seed=3)
+    c = F.translate(ldm, baseline, num_inference_steps=4, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == baseline.shape and a.dtype == torch.float32
-    d = ldm.translate(baseline, num_inference_steps=4, seed=3, eta=1.0)
-    assert torch.equal(d, ldm.translate(baseline, num_inference_steps=4, seed=3, eta=1.0)) and not torch.equal(a, d)
+    d = F.translate(ldm, baseline, num_inference_steps=4, seed=3, eta=1.0)
+    assert torch.equal(d, F.translate(ldm, baseline, num_inference_steps=4, seed=3, eta=1.0)) and not torch.equal(a, d)
     with pytest.raises(ValueError, match="num_inference_steps"):
-        ldm.sample(torch.zeros(1, 4, 1, 4, 4), num_inference_steps=0)
+        F.sample(ldm, torch.zeros(1, 4, 1, 4, 4), num_inference_steps=0)
 
 
 def test_diffusion_loss_targets_the_velocity():
@@ -157,37 +160,14 @@ def test_diffusion_loss_targets_the_velocity():
             seen.update(zt=zt, t=t)
             return torch.zeros_like(zt)
 
-    sched = D.noise_scheduler()
+    sched = F.noise_scheduler()
     z0 = torch.randn(3, 4, 2, 4, 4)
-    loss, parts = D.diffusion_loss(Zero(), z0, torch.zeros_like(z0), sched)
+    loss, parts = L.diffusion_loss(Zero(), z0, torch.zeros_like(z0), sched)
     a = sched.alphas_cumprod[seen["t"]].reshape(-1, 1, 1, 1, 1)
     eps = (seen["zt"] - a.sqrt() * z0) / (1 - a).sqrt()
     v = a.sqrt() * eps - (1 - a).sqrt() * z0
     torch.testing.assert_close(loss, (v ** 2).mean(), rtol=1e-3, atol=1e-5)
     assert set(parts) == {"mse_latent"}
-
-
-def test_series_windows():
-    x = torch.arange(2 * 1 * 5 * 1 * 1, dtype=torch.float32).reshape(2, 1, 5, 1, 1)
-    w = D.series_windows(x, 3, stride=2)
-    assert w.shape == (4, 1, 3, 1, 1)
-    expected = [x[b, :, s:s + 3] for b in range(2) for s in (0, 2)]
-    assert torch.equal(w, torch.stack(expected))
-    with pytest.raises(ValueError, match="frames"):
-        D.series_windows(x, 6)
-
-
-def test_changed_voxel_mae():
-    baseline = torch.zeros(2, 1, 1, 2, 2)
-    target = torch.tensor([[0.5, 0.0], [0.05, 0.2]]).reshape(1, 1, 1, 2, 2).repeat(2, 1, 1, 1, 1)
-    target[1] = 0.0  # nothing changed in the second sample
-    pred = target + 0.1
-    mae, n = D.changed_voxel_mae(pred, target, baseline, threshold=100, scale=900)
-    # |target - baseline| * 900 = 450, 0, 45, 180 HU: two voxels changed by more than 100 HU
-    assert n.tolist() == [2, 0]
-    assert float(mae[0]) == pytest.approx(90.0) and math.isnan(float(mae[1]))
-    mae_id, _ = D.changed_voxel_mae(baseline, target, baseline, threshold=100, scale=900)
-    assert float(mae_id[0]) == pytest.approx((450 + 180) / 2)
 
 
 def test_stage_two_model_freezes_the_vae_and_checkpoints_its_scale(tmp_path):
@@ -205,7 +185,7 @@ def test_stage_two_model_freezes_the_vae_and_checkpoints_its_scale(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(z, z.flip(2)), batch_size=2)
     opt = torch.optim.AdamW(ldm.denoiser.parameters(), lr=1e-3)
     config = {"epochs": 1, "best_metric": None, "amp": False, "log_every": 1}
-    result = fit(ldm, lambda m, b: D.diffusion_loss(m, b[0], b[1], ldm.scheduler), loader, opt,
+    result = fit(ldm, partial(F.denoiser_step, scheduler=F.noise_scheduler()), loader, opt,
                  out_dir=tmp_path, config=config, device=torch.device("cpu"))
     assert result.status == "completed"
     for k, v in ldm.vae.state_dict().items():
@@ -234,7 +214,7 @@ def test_grayscale_float32_end_to_end(smoke_cohort):
     vae = FrameVAE(channels=(8, 8, 8, 8), num_res_blocks=1, norm_num_groups=8, scale_factor=1.0)
     ldm = D.LatentDiffusion(vae, tiny_denoiser()).eval()
     handles = [m.register_forward_hook(record) for m in ldm.modules()]
-    out = ldm.translate(item["baseline"][None], num_inference_steps=2, seed=0)
+    out = F.translate(ldm, item["baseline"][None], num_inference_steps=2, seed=0)
     for h in handles:
         h.remove()
     seen.append(("generated", out.dtype, tuple(out.shape)))
@@ -258,15 +238,16 @@ def test_a_tiny_denoiser_learns_a_conditional_translation():
         mask[..., f, f:f + 2, 1:3] = 1
     target = cond + 2 * mask
     m = D.LatentDiffusion(tiny_vae(), tiny_denoiser())
+    sched = F.noise_scheduler()
     opt = torch.optim.AdamW(m.denoiser.parameters(), lr=3e-3)
     for step in range(200):
         idx = torch.randint(0, n, (16,))
-        loss, _ = D.diffusion_loss(m, target[idx], cond[idx], m.scheduler)
+        loss, _ = L.diffusion_loss(m, target[idx], cond[idx], sched)
         opt.zero_grad()
         loss.backward()
         opt.step()
     m.eval()
-    out = m.sample(cond[:8], num_inference_steps=20, seed=0)
+    out = F.sample(m, cond[:8], num_inference_steps=20, seed=0)
     inside = mask.expand_as(out) > 0
     err = (out - target[:8])[inside].abs().mean()
     identity = (cond[:8] - target[:8])[inside].abs().mean()  # = 2

@@ -1,10 +1,12 @@
-"""lib.models.vae: per-frame KL autoencoder, latent scale factor, losses (cross-checked against MONAI and torch)."""
+"""lib.models.vae (per-frame KL autoencoder, latent scale factor) and its losses in lib.losses.diffusion
+(cross-checked against MONAI and torch)."""
 
 import pytest
 import torch
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import MultiScaleSSIMMetric
 
+from lib.losses import diffusion as L
 from lib.models import vae as V
 
 TINY = dict(channels=(8, 8, 16), num_res_blocks=1, norm_num_groups=8)
@@ -90,34 +92,34 @@ def test_kl_matches_torch_distributions():
     mu, sigma = torch.randn(2, 4, 3, 5, 5), torch.rand(2, 4, 3, 5, 5) + 0.1
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0, 1))
     expected = ref.sum(dim=(1, 3, 4)).mean()  # per frame, averaged over frames and series
-    torch.testing.assert_close(V.kl_divergence(mu, sigma), expected)
-    assert float(V.kl_divergence(torch.zeros(1, 4, 1, 2, 2), torch.ones(1, 4, 1, 2, 2))) == 0.0
+    torch.testing.assert_close(L.kl_divergence(mu, sigma), expected)
+    assert float(L.kl_divergence(torch.zeros(1, 4, 1, 2, 2), torch.ones(1, 4, 1, 2, 2))) == 0.0
 
 
 def test_ms_ssim_loss_matches_monai_metric():
     torch.manual_seed(2)
     x = torch.rand(1, 1, 2, 64, 64)
     y = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
-    weights, k = V.ms_ssim_weights(64)
+    weights, k = L.ms_ssim_weights(64)
     assert (len(weights), k) == (4, 7) and sum(weights) == pytest.approx(1.0)
-    assert len(V.ms_ssim_weights(32)[0]) == 3
+    assert len(L.ms_ssim_weights(32)[0]) == 3
     metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=2.0, kernel_size=k, weights=weights)
     expected = 1 - metric(V.to_frames(y), V.to_frames(x)).mean()
-    torch.testing.assert_close(V.ms_ssim_loss(y, x), expected)
-    assert float(V.ms_ssim_loss(x, x)) == pytest.approx(0.0, abs=1e-5)
-    assert V.ms_ssim_weights(256)[0] == pytest.approx(V.MS_SSIM_WEIGHTS, rel=1e-2)  # 5 scales at 256²
+    torch.testing.assert_close(L.ms_ssim_loss(y, x), expected)
+    assert float(L.ms_ssim_loss(x, x)) == pytest.approx(0.0, abs=1e-5)
+    assert L.ms_ssim_weights(256)[0] == pytest.approx(L.MS_SSIM_WEIGHTS, rel=1e-2)  # 5 scales at 256²
 
 
 def test_vae_loss_parts_and_weights():
     m = tiny()
     x = torch.rand(1, 1, 2, 32, 32) * 2 - 1
     torch.manual_seed(3)
-    loss, parts = V.vae_loss(m, x, kl_weight=1e-3, ms_ssim_weight=0.5)
+    loss, parts = L.vae_loss(m, x, kl_weight=1e-3, ms_ssim_weight=0.5)
     assert set(parts) == {"rec", "kl", "ms_ssim"}
     expected = parts["rec"] + 1e-3 * parts["kl"] + 0.5 * (1 - parts["ms_ssim"])
     torch.testing.assert_close(loss.detach(), expected)
     with pytest.raises(ValueError, match="discriminator_channels"):
-        V.vae_loss(m, x, adv_weight=0.1)
+        L.vae_loss(m, x, adv_weight=0.1)
 
 
 def test_adversarial_terms_reach_only_their_own_parameters():
@@ -127,7 +129,7 @@ def test_adversarial_terms_reach_only_their_own_parameters():
     x = torch.rand(2, 1, 2, 32, 32) * 2 - 1
     ae, disc = list(m.autoencoder.parameters()), list(m.discriminator.parameters())
     torch.manual_seed(4)
-    loss, parts = V.vae_loss(m, x, kl_weight=1e-4, adv_weight=0.5)
+    loss, parts = L.vae_loss(m, x, kl_weight=1e-4, adv_weight=0.5)
     assert {"adv_g", "adv_d"} <= set(parts)
     g_ae = torch.autograd.grad(loss, ae, retain_graph=True)
     g_disc = torch.autograd.grad(loss, disc)
@@ -138,7 +140,7 @@ def test_adversarial_terms_reach_only_their_own_parameters():
     fake, real = V.to_frames(recon), V.to_frames(x)
     disc_loss = 0.5 * (adv(m.discriminator(fake.detach())[-1], target_is_real=False, for_discriminator=True)
                        + adv(m.discriminator(real)[-1], target_is_real=True, for_discriminator=True))
-    gen_loss = (torch.nn.functional.l1_loss(recon, x) + 1e-4 * V.kl_divergence(mu, sigma)
+    gen_loss = (torch.nn.functional.l1_loss(recon, x) + 1e-4 * L.kl_divergence(mu, sigma)
                 + 0.5 * adv(m.discriminator(fake)[-1], target_is_real=True, for_discriminator=False))
     for got, ref in zip(g_ae, torch.autograd.grad(gen_loss, ae, retain_graph=True)):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
@@ -166,18 +168,6 @@ def test_parameter_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(m.parameters()))
 
 
-def test_random_crop_is_seeded_and_checked():
-    x = torch.arange(2 * 1 * 1 * 16 * 16, dtype=torch.float32).reshape(2, 1, 1, 16, 16)
-    torch.manual_seed(5)
-    a = V.random_crop(x, 8)
-    torch.manual_seed(5)
-    b = V.random_crop(x, 8)
-    assert a.shape == (2, 1, 1, 8, 8) and torch.equal(a, b)
-    assert V.random_crop(x, 0) is x and V.random_crop(x, 16) is x
-    with pytest.raises(ValueError, match="crop"):
-        V.random_crop(x, 20)
-
-
 def test_a_tiny_vae_learns_to_reconstruct():
     torch.manual_seed(6)
     m = tiny()
@@ -187,7 +177,7 @@ def test_a_tiny_vae_learns_to_reconstruct():
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     first = None
     for _ in range(60):
-        loss, parts = V.vae_loss(m, x)
+        loss, parts = L.vae_loss(m, x)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -9,11 +9,9 @@ series' latents condition it by concatenation with the noisy target latents. At 
 channels 128, multipliers 1, 2, 4, 4, spatial attention at levels 1 and 2, two residual blocks per level.
 
 :class:`LatentDiffusion` holds a frozen :class:`lib.models.vae.FrameVAE` (its latent scale factor
-included, so one checkpoint translates) and the denoiser; the schedules are MONAI's: a 1000-step cosine
-schedule (Nichol & Dhariwal) trained with v-prediction, because the cosine schedule ends at ᾱ ≈ 2e-9
-(SNR ≈ 0), where epsilon-prediction is ill-conditioned, and sampled with DDIM (50 steps by default),
-clipping of the predicted x0 **off** (MONAI and diffusers clip to [-1, 1] by default, which on
-unit-variance latents cuts about a third of the values), deterministic for ``eta=0`` and a given seed.
+included, so one checkpoint translates) and the denoiser. The schedules (MONAI's 1000-step cosine schedule
+trained with v-prediction, sampled with DDIM without clipping) and the sampling loop are in
+``lib.families.ct_diffusion``; the loss is ``lib.losses.diffusion.diffusion_loss``.
 """
 
 from __future__ import annotations
@@ -22,16 +20,12 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.networks.blocks import Convolution, SABlock, SpatialAttentionBlock
 from monai.networks.nets.diffusion_model_unet import (DiffusionUNetResnetBlock, DiffusionUnetDownsample,
                                                       WrappedUpsample, get_timestep_embedding)
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from lib.models.attention import contiguous_under_cpu_autocast, explicit_attention, route_short_sequences
 from lib.models.vae import from_frames, to_frames
-
-
 
 
 class TemporalAttention(nn.Module):
@@ -206,70 +200,17 @@ class SeriesDenoiser(nn.Module):
         return from_frames(self.out(h), b)
 
 
-def build_denoiser(config) -> SeriesDenoiser:
-    """The :class:`SeriesDenoiser` of a 04_ct_diffusion configuration (a resolved preset): conditioned on the
-    baseline latents (``latent_channels`` each), ``model_channels``, ``channel_mult``, ``num_res_blocks``,
-    ``attention_levels``, temporal attention at every level if ``temporal_attention``, ``num_head_channels``,
-    ``norm_groups``."""
-    return SeriesDenoiser(config["latent_channels"], config["latent_channels"], config["model_channels"],
-                          config["channel_mult"], config["num_res_blocks"], config["attention_levels"],
-                          (config["temporal_attention"],) * len(config["channel_mult"]), config["num_head_channels"],
-                          config["norm_groups"])
-
-
-# --------------------------------------------------------------------------- schedules, loss, sampling
-
-def noise_scheduler(num_train_timesteps: int = 1000, schedule: str = "cosine",
-                    prediction_type: str = "v_prediction") -> DDPMScheduler:
-    """The training scheduler (MONAI ``DDPMScheduler``): ``add_noise`` and ``get_velocity``."""
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule, clip_sample=False,
-                         prediction_type=prediction_type)
-
-
-def ddim_scheduler(num_train_timesteps: int = 1000, schedule: str = "cosine", prediction_type: str = "v_prediction",
-                   num_inference_steps: int = 50) -> DDIMScheduler:
-    """The sampler (MONAI ``DDIMScheduler``) with clipping of the predicted x0 off (latents are not in [-1, 1])."""
-    if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_inference_steps}")
-    sched = DDIMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule, clip_sample=False,
-                          prediction_type=prediction_type)
-    sched.set_timesteps(num_inference_steps)
-    return sched
-
-
-def diffusion_loss(model: nn.Module, z0: torch.Tensor, cond: torch.Tensor, scheduler: DDPMScheduler
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MSE between ``model(z_t, t, cond)`` and its target (v for v-prediction), t uniform over the schedule.
-
-    ``model``: a :class:`LatentDiffusion` or :class:`SeriesDenoiser` (or their DDP wrapper); ``z0``
-    target latents and ``cond`` baseline latents ``[B, C, T, h, w]`` (scaled). Uses torch's global RNG.
-    """
-    z0 = z0.float()
-    noise = torch.randn_like(z0)
-    t = torch.randint(0, scheduler.num_train_timesteps, (z0.shape[0],), device=z0.device)
-    zt = scheduler.add_noise(z0, noise, t)
-    if scheduler.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(z0, noise, t)
-    elif scheduler.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = z0
-    pred = model(zt, t, cond).float()
-    loss = F.mse_loss(pred, target)
-    return loss, {"mse_latent": loss.detach()}
-
-
 class LatentDiffusion(nn.Module):
-    """A frozen frame VAE, a :class:`SeriesDenoiser`, and the noise schedule: baseline series → target series.
+    """A frozen frame VAE and a :class:`SeriesDenoiser`, one module so that one checkpoint translates.
 
-    ``forward(z_t, timesteps, cond)`` is the denoiser's (what :func:`diffusion_loss` trains);
-    :meth:`sample` draws target latents for baseline latents, :meth:`translate` does it in image space:
-    ``[B, 1, T, H, W]`` in [-1, 1] → ``[B, 1, T, H, W]``. ``vae`` needs ``encode``/``decode`` of scaled
-    latents (:class:`lib.models.vae.FrameVAE` with its scale factor set); it stays frozen and in eval mode.
+    ``forward(z_t, timesteps, cond)`` is the denoiser's (what ``lib.losses.diffusion.diffusion_loss`` trains):
+    latents ``[B, C, T, h, w]`` in, the prediction out. ``vae`` needs ``encode``/``decode`` of scaled latents
+    (:class:`lib.models.vae.FrameVAE` with its scale factor set, a buffer: it travels in this module's
+    state dict); it stays frozen and in eval mode. The schedules and the DDIM sampling loop are in
+    ``lib.families.ct_diffusion``.
     """
 
-    def __init__(self, vae: nn.Module, denoiser: SeriesDenoiser, num_train_timesteps: int = 1000,
-                 schedule: str = "cosine", prediction_type: str = "v_prediction"):
+    def __init__(self, vae: nn.Module, denoiser: SeriesDenoiser):
         super().__init__()
         latent = getattr(vae, "latent_channels", None)
         if latent is not None and (latent != denoiser.latent_channels or latent != denoiser.cond_channels):
@@ -277,8 +218,6 @@ class LatentDiffusion(nn.Module):
                              f"{denoiser.latent_channels} (+ {denoiser.cond_channels} conditioning)")
         self.vae = vae.requires_grad_(False).eval()
         self.denoiser = denoiser
-        self.num_train_timesteps, self.schedule, self.prediction_type = num_train_timesteps, schedule, prediction_type
-        self.scheduler = noise_scheduler(num_train_timesteps, schedule, prediction_type)
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         super().train(mode)
@@ -287,63 +226,3 @@ class LatentDiffusion(nn.Module):
 
     def forward(self, z_t: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.denoiser(z_t, timesteps, cond)
-
-    @torch.no_grad()
-    def sample(self, cond: torch.Tensor, num_inference_steps: int = 50, eta: float = 0.0, seed: int = 0,
-               progress: bool = False) -> torch.Tensor:
-        """DDIM: target latents ``[B, C, T, h, w]`` for baseline latents ``cond`` (same shape).
-
-        The starting noise comes from a CPU generator seeded with ``seed`` (the same on every device);
-        with ``eta=0`` every step is deterministic, so the same seed gives the same latents.
-        """
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        sched = ddim_scheduler(self.num_train_timesteps, self.schedule, self.prediction_type, num_inference_steps)
-        gen = torch.Generator().manual_seed(int(seed))
-        z = torch.randn(cond.shape, generator=gen, dtype=torch.float32).to(cond.device)
-        step_gen = gen if cond.device.type == "cpu" else torch.Generator(cond.device).manual_seed(int(seed) + 1)
-        steps = sched.timesteps
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="DDIM", leave=False)
-        for t in steps:
-            v = self(z, torch.full((cond.shape[0],), int(t), device=cond.device), cond).float()
-            z, _ = sched.step(v, int(t), z, eta=eta, generator=step_gen)
-        return z
-
-    @torch.no_grad()
-    def translate(self, baseline: torch.Tensor, num_inference_steps: int = 50, eta: float = 0.0, seed: int = 0,
-                  progress: bool = False) -> torch.Tensor:
-        """Generated target series ``[B, 1, T, H, W]`` for baseline series ``[B, 1, T, H, W]`` (float32)."""
-        cond = self.vae.encode(baseline).float()
-        z = self.sample(cond, num_inference_steps, eta, seed, progress)
-        return self.vae.decode(z).float()
-
-
-def series_windows(x: torch.Tensor, frames: int, stride: int = 1) -> torch.Tensor:
-    """All runs of ``frames`` consecutive frames of series ``[B, C, T, h, w]`` with ``stride``:
-    ``[B * n, C, frames, h, w]``, series by series (for training on every window of precomputed latents)."""
-    if x.ndim != 5 or not 1 <= frames <= x.shape[2] or stride < 1:
-        raise ValueError(f"series_windows: need [B, C, T, h, w] with 1 <= frames <= T and stride >= 1; got shape "
-                         f"{tuple(x.shape)}, frames={frames}, stride={stride}")
-    w = x.unfold(2, frames, stride)  # [B, C, n, h, w, frames]
-    return w.permute(0, 2, 1, 5, 3, 4).reshape(-1, x.shape[1], frames, *x.shape[3:])
-
-
-def changed_voxel_mae(pred: torch.Tensor, target: torch.Tensor, baseline: torch.Tensor, threshold: float = 100.0,
-                      scale: float = 900.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAE (in ``scale`` units per intensity unit, e.g. HU) over the voxels whose target differs from the
-    baseline by more than ``threshold`` (e.g. the contrast-enhanced vessels), per sample.
-
-    Tensors ``[B, ...]`` of one shape; returns ``(mae [B], voxels [B])``, ``mae`` NaN where no voxel changed.
-    With ``pred = baseline`` it is the identity baseline. ``scale=900``: the diffusion window (1800 HU wide)
-    maps onto [-1, 1], so one unit is 900 HU.
-    """
-    if not pred.shape == target.shape == baseline.shape:
-        raise ValueError(f"changed_voxel_mae: shapes differ: pred {tuple(pred.shape)}, target "
-                         f"{tuple(target.shape)}, baseline {tuple(baseline.shape)}")
-    pred, target, baseline = (v.detach().float().flatten(1) for v in (pred, target, baseline))
-    mask = ((target - baseline).abs() * scale > threshold).float()
-    n = mask.sum(1)
-    err = ((pred - target).abs() * scale * mask).sum(1)
-    return torch.where(n > 0, err / n.clamp_min(1), torch.full_like(n, float("nan"))), n.long()

@@ -14,13 +14,10 @@ Stable Diffusion's value, right only for that VAE) or compute ``1 / std`` of tra
 :meth:`FrameVAE.fit_scale_factor` (MONAI's and MAISI's practice); ``0`` means "not set yet", and
 :meth:`encode`/:meth:`decode` refuse to run until it is.
 
-Training losses (:func:`vae_loss`): L1 reconstruction, ``kl_weight`` × KL divergence to N(0, I),
-optionally ``ms_ssim_weight`` × (1 − MS-SSIM) and ``adv_weight`` × a least-squares patch adversarial
-term. The optional ``PatchDiscriminator`` lives inside :class:`FrameVAE` (as the discriminator lives
-inside the autoencoder's loss in the latent-diffusion code), so it is checkpointed and resumed with the
-autoencoder and trained by the same optimizer in the same backward pass: the generator term sees the
-discriminator through detached weights, the discriminator term sees detached reconstructions, so
-each part only receives its own gradient. MAISI's perceptual term needs pretrained weights (none here).
+The optional ``PatchDiscriminator`` of the adversarial term lives inside :class:`FrameVAE` (as the
+discriminator lives inside the autoencoder's loss in the latent-diffusion code), so it is checkpointed and
+resumed with the autoencoder and trained by the same optimizer. The training losses are in
+:mod:`lib.losses.diffusion` (``vae_loss``); the preset's VAE is built by ``lib.families.ct_diffusion.build_vae``.
 """
 
 from __future__ import annotations
@@ -30,17 +27,10 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from monai.losses import PatchAdversarialLoss
-from monai.metrics import compute_ms_ssim
 from monai.networks.blocks import SpatialAttentionBlock
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
-from torch.func import functional_call
 
 from lib.models.attention import contiguous_outputs
-
-# MS-SSIM scale weights of Wang et al. (2003); fewer scales (renormalised) for small frames.
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def check_series(x: torch.Tensor, name: str = "x", channels: int = 1) -> None:
@@ -68,19 +58,6 @@ def from_frames(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.reshape(batch, bt // batch, c, h, w).transpose(1, 2)
 
 
-def random_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """One random ``size × size`` crop (the same for the whole batch) of series ``[..., H, W]``, from torch's
-    RNG; ``size`` 0 or the full size returns ``x``. The VAE is convolutional: crops train it at a fraction
-    of the cost of whole frames."""
-    h, w = x.shape[-2:]
-    if not size or (size == h and size == w):
-        return x
-    if not 0 < size <= min(h, w):
-        raise ValueError(f"crop size {size} must be in (0, {min(h, w)}] for frames of {h}x{w}")
-    i, j = (int(torch.randint(0, n - size + 1, ())) for n in (h, w))
-    return x[..., i:i + size, j:j + size]
-
-
 class FrameVAE(nn.Module):
     """KL autoencoder (MONAI ``AutoencoderKL``, 2D) applied to every frame of a grayscale series.
 
@@ -93,7 +70,7 @@ class FrameVAE(nn.Module):
     ``mid_attention``: the non-local attention block at the latent resolution of encoder and decoder.
     ``scale_factor``: None computes it later (:meth:`fit_scale_factor`); a number fixes it.
     ``discriminator_channels``: if set, a 2D ``PatchDiscriminator`` of that width and
-    ``discriminator_layers`` layers for the adversarial term (:func:`vae_loss`).
+    ``discriminator_layers`` layers for the adversarial term (``lib.losses.diffusion.vae_loss``).
     """
 
     def __init__(self, channels: Sequence[int] = (64, 128, 256, 256), latent_channels: int = 4,
@@ -222,85 +199,3 @@ class FrameVAE(nn.Module):
         elif not any(k.startswith("discriminator.") for k in state):
             state.update({f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()})
         return super().load_state_dict(state, strict=strict, assign=assign)
-
-
-def build_vae(config) -> FrameVAE:
-    """The :class:`FrameVAE` of a 04_ct_diffusion configuration (a resolved preset): ``vae_channels``,
-    ``latent_channels``, ``vae_res_blocks``, ``norm_groups``, ``vae_mid_attention``, ``scale_factor``, and
-    a discriminator of ``disc_channels`` when ``adv_weight > 0``."""
-    return FrameVAE(config["vae_channels"], config["latent_channels"], config["vae_res_blocks"], config["norm_groups"],
-                    mid_attention=config["vae_mid_attention"], scale_factor=config["scale_factor"],
-                    discriminator_channels=config["disc_channels"] if config["adv_weight"] > 0 else None)
-
-
-# --------------------------------------------------------------------------- losses
-
-def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma²) || N(0, 1)) summed over a frame's latent (channels and pixels), mean over frames.
-    ``mu``, ``sigma``: ``[B, C, T, h, w]``."""
-    mu, sigma = mu.float(), sigma.float()
-    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1.0)
-    return kl.sum(dim=(1, 3, 4)).mean()
-
-
-def ms_ssim_weights(size: int, kernel_sizes: Sequence[int] = (11, 9, 7)) -> tuple[tuple[float, ...], int]:
-    """The most MS-SSIM scales (weights renormalised) and the widest window that fit ``size``-pixel frames:
-    the coarsest scale ``size / 2**(scales-1)`` must hold the window, and MONAI's own size rule must pass.
-    5 scales with an 11-pixel window at 256², 4 scales with 7 pixels at 64², 3 at 32²."""
-    for n in range(len(MS_SSIM_WEIGHTS), 0, -1):
-        for k in kernel_sizes:
-            if size / 2 ** (n - 1) >= k and size // max(1, n - 1) ** 2 > k - 1:
-                w = MS_SSIM_WEIGHTS[:n]
-                return tuple(v / sum(w) for v in w), k
-    raise ValueError(f"frames of {size} pixels are too small for MS-SSIM (need at least {min(kernel_sizes)})")
-
-
-def ms_ssim_loss(pred: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """``1 − MS-SSIM`` of frame series ``[B, 1, T, H, W]`` (each frame in 2D, MONAI's ``compute_ms_ssim``),
-    in float32."""
-    p, t = to_frames(pred).float(), to_frames(target).float()
-    weights, k = ms_ssim_weights(min(p.shape[-2:]))
-    with torch.autocast(device_type=p.device.type, enabled=False):
-        value = compute_ms_ssim(p, t, spatial_dims=2, data_range=data_range, kernel_size=k, weights=weights)
-    return 1.0 - value.mean()
-
-
-_ADVERSARIAL = PatchAdversarialLoss(criterion="least_squares")
-
-
-def _logits(out) -> torch.Tensor:
-    return out[-1] if isinstance(out, (list, tuple)) else out  # PatchDiscriminator returns every layer's output
-
-
-def vae_loss(model: FrameVAE, x: torch.Tensor, kl_weight: float = 1e-6, ms_ssim_weight: float = 0.0,
-             adv_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The stage-1 training loss of series ``x [B, 1, T, H, W]`` and its parts.
-
-    ``rec`` (L1) + ``kl_weight``·``kl`` + ``ms_ssim_weight``·(1 − MS-SSIM) + ``adv_weight``·``adv_g`` +
-    ``adv_d``; the last two only when ``adv_weight > 0`` (needs ``model.discriminator``). ``adv_g`` is
-    the least-squares generator term through the discriminator's *detached* weights; ``adv_d`` the
-    discriminator's own term on *detached* reconstructions (so one backward trains both correctly).
-    """
-    recon, mu, sigma = model(x)
-    recon = recon.float()
-    rec = F.l1_loss(recon, x.float())
-    kl = kl_divergence(mu, sigma)
-    loss = rec + kl_weight * kl
-    parts = {"rec": rec.detach(), "kl": kl.detach()}
-    if ms_ssim_weight > 0:
-        ms = ms_ssim_loss(recon, x)
-        loss = loss + ms_ssim_weight * ms
-        parts["ms_ssim"] = (1.0 - ms).detach()
-    if adv_weight > 0:
-        disc = getattr(model, "module", model).discriminator  # the module itself under DDP
-        if disc is None:
-            raise ValueError("vae_loss: adv_weight > 0 needs a FrameVAE built with discriminator_channels")
-        fake, real = to_frames(recon), to_frames(x.float())
-        frozen = {k: v.detach() for k, v in disc.named_parameters()}
-        adv_g = _ADVERSARIAL(_logits(functional_call(disc, frozen, (fake,))), target_is_real=True,
-                             for_discriminator=False)
-        adv_d = 0.5 * (_ADVERSARIAL(_logits(disc(fake.detach())), target_is_real=False, for_discriminator=True)
-                       + _ADVERSARIAL(_logits(disc(real)), target_is_real=True, for_discriminator=True))
-        loss = loss + adv_weight * adv_g + adv_d
-        parts.update(adv_g=adv_g.detach(), adv_d=adv_d.detach())
-    return loss, parts

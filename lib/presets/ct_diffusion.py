@@ -22,6 +22,7 @@ NB_04 = _spec(
         "ms_ssim_weight": Param(0.0, float, "weight of (1 - MS-SSIM) in the VAE loss; 0: off (note: optional, off)"),
         "adv_weight": Param(0.0, float, "weight of the least-squares patch adversarial term; 0: off (MAISI 0.1)"),
         "disc_channels": Param(64, int, "width of the PatchDiscriminator (used when adv_weight > 0)"),
+        "disc_layers": Param(3, int, "layers of the PatchDiscriminator (MONAI's and MAISI's 3)"),
         "scale_factor": Param(None, (float, type(None)), "latent scale; None: 1 / std of the training latents (stored in the checkpoints)"),
         "vae_checkpoint": Param("", str, "start stage 1 from this lib.train checkpoint of the VAE ('' = from scratch)"),
         # stage 2: the denoiser
@@ -33,6 +34,10 @@ NB_04 = _spec(
         "num_head_channels": Param(32, int, "channels per attention head (spatial and temporal)"),
         "window_stride": Param(1, int, "stride between the training windows of `frames` slices cut from every training series"),
         "num_train_timesteps": Param(1000, int, "diffusion steps of the cosine schedule (note: 1000)"),
+        "noise_schedule": Param("cosine", str, "MONAI noise schedule (note: cosine, Nichol & Dhariwal)",
+                                ("cosine", "linear_beta", "scaled_linear_beta", "sigmoid_beta")),
+        "prediction_type": Param("v_prediction", str, "denoiser target (note: v; the cosine schedule ends at SNR ~ 0, "
+                                 "where epsilon is ill-conditioned)", ("v_prediction", "epsilon", "sample")),
         "ddim_steps": Param(50, int, "DDIM sampling steps (note: 50)"),
         "eta": Param(0.0, float, "DDIM eta; 0: deterministic sampling"),
         "sample_seed": Param(0, int, "seed of the sampling noise: same seed, same generated series"),
