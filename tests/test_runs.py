@@ -81,34 +81,6 @@ def test_mark_failed_from_outside_creates_or_updates_the_record(results):
     assert runs.read_index(results)[0]["status"] == "failed"
 
 
-def test_atomic_writes_never_leave_a_half_written_file(tmp_path):
-    target = tmp_path / "m.json"
-    runs.write_json(target, {"ok": 1})
-    with pytest.raises(TypeError, match="cannot write"):
-        runs.write_json(target, {"bad": object()})
-    with pytest.raises(ZeroDivisionError):
-        with runs.atomic_path(target) as tmp:
-            tmp.write_text('{"partial": ')
-            1 / 0
-    assert json.loads(target.read_text()) == {"ok": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp files left behind
-    assert target.stat().st_mode & 0o777 == 0o666 & ~runs._UMASK  # not mkstemp's owner-only mode
-
-
-def test_write_csv_and_save_figure(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs.write_csv(tmp_path / "a.csv", [{"x": 1}, {"x": 2, "y": 3}])
-    assert (tmp_path / "a.csv").read_text().splitlines() == ["x,y", "1,", "2,3"]
-    fig, ax = plt.subplots()
-    ax.plot([0, 1])
-    runs.save_figure(tmp_path / "f.png", fig)
-    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_git_info_commit_and_dirty_flag(tmp_path):
     assert runs.git_info(tmp_path) == {"commit": None, "dirty": None}
     git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]

@@ -1,0 +1,35 @@
+"""lib.atomic: a crash or an error never leaves a half-written file behind, and results keep the usual mode."""
+
+import json
+
+import pytest
+
+from lib import atomic
+
+
+def test_atomic_writes_never_leave_a_half_written_file(tmp_path):
+    target = tmp_path / "m.json"
+    atomic.write_json(target, {"ok": 1})
+    with pytest.raises(TypeError, match="cannot write"):
+        atomic.write_json(target, {"bad": object()})
+    with pytest.raises(ZeroDivisionError):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text('{"partial": ')
+            1 / 0
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp files left behind
+    assert target.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK  # not mkstemp's owner-only mode
+
+
+def test_write_csv_and_save_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atomic.write_csv(tmp_path / "a.csv", [{"x": 1}, {"x": 2, "y": 3}])
+    assert (tmp_path / "a.csv").read_text().splitlines() == ["x,y", "1,", "2,3"]
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    atomic.save_figure(tmp_path / "f.png", fig)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
