@@ -37,8 +37,9 @@ test-fast: $(STAMP)
 	PRESET=smoke $(BIN)/python -m pytest -m "not slow" tests
 
 # Measured speed and memory (results/benchmarks/<timestamp>.json and README.md); run it on an idle machine.
+# Some sections or the extras only: make bench BENCH_ARGS="--only steps attention" (python -m lib.bench --help).
 bench: $(STAMP)
-	$(BIN)/python -m lib.bench
+	$(BIN)/python -m lib.bench $(BENCH_ARGS)
 
 # JupyterLab on this repository, localhost only, opened on the notebooks folder (the token is printed).
 lab: $(STAMP)

@@ -1,4 +1,5 @@
-"""lib.bench: every section runs (``--quick``), writes its rows, figure and README; the measuring tools work."""
+"""lib.bench: every section runs (``--quick``), writes its rows, figure and README; the extras write their files;
+every registered family has a case beside a MONAI peer; the measuring tools work."""
 
 import json
 
@@ -46,7 +47,7 @@ def test_every_section_yields_rows_with_its_keys_and_the_machine(quick_run):
 
 @pytest.mark.slow
 def test_steps_pair_every_family_with_its_monai_network(quick_run):
-    from lib.bench_families import CASES, PAIRS
+    from lib.bench.cases import CASES, PAIRS
 
     _, data = quick_run
     rows = [r for r in data["rows"] if r["section"] == "steps"]
@@ -83,6 +84,32 @@ def test_memory_estimate_and_readme(quick_run):
     assert all(title in readme for _, _, title, _ in bench.SECTIONS.values())
     assert "![attention](attention_scaling.png)" in readme
     assert sum(line.startswith(("- MET", "- NOT MET")) for line in readme.splitlines()) >= 6
+
+
+def test_every_registered_family_has_a_case_beside_a_monai_peer():
+    """Adding a family to lib.families without a benchmark case (and its MONAI peer) fails here."""
+    from lib.bench.cases import CASES, FAMILY_CASES, PAIRS, PEERS
+    from lib.families import FAMILIES
+
+    assert set(FAMILY_CASES) <= set(FAMILIES), set(FAMILY_CASES) - set(FAMILIES)
+    for family in FAMILIES:
+        peered = [c for c in FAMILY_CASES.get(family, ()) if c.peer]
+        assert peered, f"family {family} has no benchmark case with a MONAI peer in lib/bench/cases.py"
+        for case in peered:
+            assert case.peer in PEERS and case.peer.startswith("MONAI ") and PAIRS[case.name] == case.peer
+            assert CASES[case.name][0] == CASES[case.peer][0] == FAMILIES[family].notebook
+
+
+@pytest.mark.slow
+def test_the_extras_write_their_own_files_and_no_report(tmp_path):
+    assert bench.main(["--quick", "--only", "pretrain_step", "train_loop", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain_step.json", "train_loop_overhead.json"]
+    step = json.loads((tmp_path / "pretrain_step.json").read_text())
+    assert [s["preset"] for s in step["steps"]] == ["smoke"] and all(s["loss_finite"] for s in step["steps"])
+    assert {"attended_tokens", "attention_entries_per_head", "fwd_bwd_wall_s"} <= set(step["attention"][0])
+    loop = json.loads((tmp_path / "train_loop_overhead.json").read_text())
+    assert set(loop["pairs"]) == {"plain", "clip+ema"}
+    assert all(p["bare_ms_per_step"] > 0 and p["fit_ms_per_step"] > 0 for p in loop["pairs"].values())
 
 
 def test_an_unknown_section_fails_with_the_valid_choices(tmp_path, capsys):
@@ -124,26 +151,27 @@ def test_flop_counter_counts_grouped_convolution_gradients_as_grouped():
 def test_family_builders_follow_the_preset():
     """The builders the benchmark (and the notebooks) build the families with take their sizes from the preset."""
     from lib import config
-    from lib.models import cxr_change, diffusion, vae, xray2ct
+    from lib.families import ct_diffusion, cxr_change, xray_to_ct
+    from lib.models import cxr_change as cxr_models
 
     for preset in ("smoke", "demo"):
         c = config.resolve("04_ct_diffusion", preset)
-        v = vae.build_vae(c)
+        v = ct_diffusion.build_vae(c)
         assert v.channels == tuple(c.vae_channels) and v.latent_channels == c.latent_channels
         assert (v.discriminator is not None) == (c.adv_weight > 0)
-        d = diffusion.build_denoiser(c)
+        d = ct_diffusion.build_denoiser(c)
         assert d.model_channels == c.model_channels and d.factor == 2 ** (len(c.channel_mult) - 1)
         assert sum(b.temporal is not None for level in d.down for b in level) == c.num_res_blocks * len(c.channel_mult)
         c = config.resolve("05_cxr_change", preset)
-        for variant, cls in (("big", cxr_change.LongitudinalMIMModelBig), ("small", cxr_change.LongitudinalMIMModel)):
-            m = cxr_change.build_change_model(config.Config(c, variant=variant))
+        for variant, cls in (("big", cxr_models.LongitudinalMIMModelBig), ("small", cxr_models.LongitudinalMIMModel)):
+            m = cxr_change.build(config.Config(c, variant=variant))
             assert type(m) is cls and m.image_size == c.image_size and m.encoder.channels == tuple(c.channels)
         c = config.resolve("06_xray_to_ct", preset)
-        m = xray2ct.build_model(c)
-        assert m.angles == xray2ct.default_angles(c.views)
+        m = xray_to_ct.build(c)
+        assert m.angles == xray_to_ct.default_angles(c.views)
         assert (m.image_size, m.volume_size) == (c.image_size, c.volume_size)
     with pytest.raises(ValueError, match="variant"):
-        cxr_change.build_change_model(config.Config(config.resolve("05_cxr_change", "smoke"), variant="medium"))
+        cxr_change.build(config.Config(config.resolve("05_cxr_change", "smoke"), variant="medium"))
 
 
 def test_peak_tensor_mb_counts_what_the_call_allocates_at_its_peak():

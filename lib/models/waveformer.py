@@ -8,7 +8,7 @@ is decomposed by an orthonormal 3D Haar transform (``wavelet_levels`` times), mu
 brings the result back to full resolution together with the untouched detail bands (weighted by a
 learned per-channel gain that starts at zero, so a fresh block adds the upsampled attention and
 learns how much of the detail to add). One level divides the number of attended tokens by 8, so the
-quadratic part of attention by 64; ``python -m lib.bench_pretrain`` measures it against full attention.
+quadratic part of attention by 64; ``python -m lib.bench --only attention`` measures it against full attention.
 Because the transform is linear and orthonormal, that whole pipeline equals, per cell of ``2**levels``
 tokens per axis, ``up(attention(mean) - g * mean) + g * x``: the layer computes it so (average pooling,
 attention, nearest upsampling), and :func:`wavelet_attention_reference`, with the explicit transforms,

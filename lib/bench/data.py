@@ -29,7 +29,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from lib import bench, config, train
+from lib import config, train
+from lib.bench.measure import train_step
 
 FILES = 24
 REPEATS = 2
@@ -56,7 +57,7 @@ def _rate(loader: DataLoader, repeats: int, consume=None) -> float:
 
 def data_path(quick: bool, ceilings: dict | None = None, out=None) -> list[dict]:
     from lib import device as _device
-    from lib.bench_families import build_case
+    from lib.bench.cases import build_case
     from lib.data import datasets, demo
     from lib.data.cache import ArrayCache
 
@@ -65,7 +66,7 @@ def data_path(quick: bool, ceilings: dict | None = None, out=None) -> list[dict]
     n_files, repeats = (4, 1) if quick else (FILES, REPEATS)
 
     case = build_case("WaveFormer pretrainer", "smoke" if quick else "subset")
-    step = bench.train_step(case.model, case.batch, case.loss, cfg.amp, repeats=1 if quick else 3, lr=cfg.lr)
+    step = train_step(case.model, case.batch, case.loss, cfg.amp, repeats=1 if quick else 3, lr=cfg.lr)
     step_rate = case.samples / step["ms"] * 1e3
     dev = _device.pick_device()
     optimizer = train.adamw(case.model.parameters(), lr=cfg.lr)

@@ -1,28 +1,5 @@
-"""Measured speed and memory: ``make bench`` (``python -m lib.bench [--quick] [--only SECTION ...] [--out DIR]``).
-
-Prints one table per section and writes ``results/benchmarks/<timestamp>.json`` (every row carries the
-machine description) and ``results/benchmarks/README.md`` (the tables, and which targets of the
-benchmark issue are met, with the numbers). Every ratio is measured side by side in the same run.
-The sections, registered once in :data:`SECTIONS`:
-
-1. ``ceiling``: dense matmul and Conv3d forward+backward GFLOP/s in fp32 and bf16; the ceiling of a
-   dtype is the best of them. Always measured: the other sections' fractions need it.
-2. ``steps``: one training step of every model family at the demo and subset presets, fp32 and bf16
-   autocast, beside the MONAI network of the nearest kind (:mod:`lib.bench_families`).
-3. ``attention``: wavelet against full attention at 32^3 ... 128^3, plus a PNG (:mod:`lib.bench_pretrain`).
-4. ``infonce``: batched spatial InfoNCE against the loop reference (:mod:`lib.bench_pretrain`).
-5. ``data``: ``.nii.gz`` decoding, the array cache and the 03_pretrain step's consumption (:mod:`lib.bench_data`).
-6. ``diffusion``: DDIM time per frame at the demo size; VAE encode/decode frames/s (:mod:`lib.bench_families`).
-7. ``memory``: the largest batch per family at prod on a 16 GB GPU, estimated from activation sizes
-   measured on this CPU (:mod:`lib.bench_families`).
-
-``--quick`` runs every section at tiny sizes with one repeat (well under a minute; what the unit test
-runs): its numbers say that the code works, not how fast anything is.
-
-Threads: torch's default (one per core), with ``OMP_WAIT_POLICY=PASSIVE`` as in the notebooks (``lib`` sets
-it): idle OpenMP threads sleep, which on an idle machine makes steps of many small operations slower than
-OpenMP's default spinning would (about 15 % for the diffusion denoiser), the same for both sides of every
-comparison.
+"""How :mod:`lib.bench` measures: the machine, wall and CPU time, FLOPs, peak memory, a case in a child
+process, one optimizer step, and section 1 (the ceiling every fraction is taken of).
 
 Peak memory: every case that reports one runs in a child process forked from a server process that
 imported torch and MONAI once (:func:`isolated`), so that no earlier case's memory is counted. Its
@@ -38,43 +15,19 @@ reported beside them, since a shared machine makes wall times pessimistic.
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import importlib
 import os
 import platform
 import resource
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from lib import paths
-from lib.runs import versions, write_json, write_text
+from lib.runs import versions
 
-# A child of :func:`isolated` imports the main module (``python -m lib.bench``) again as ``__mp_main__``,
-# which runpy warns about, harmlessly, once per child; the forkserver hands this filter down to them.
-warnings.filterwarnings("ignore", message="'lib.bench' found in sys.modules", category=RuntimeWarning)
+# --------------------------------------------------------------------------- the machine
 
-# name -> (module, function, title, figure the function writes into ``out`` or None);
-# function(quick, ceilings, out) -> rows. A section's module may define ``targets(rows) -> list[str]``:
-# lines of the README's targets paragraph, from that section's rows.
-SECTIONS: dict[str, tuple[str, str, str, str | None]] = {
-    "ceiling": ("lib.bench", "ceiling", "1. Ceiling: dense matmul and Conv3d forward+backward", None),
-    "steps": ("lib.bench_families", "steps", "2. One training step per family beside its MONAI counterpart", None),
-    "attention": ("lib.bench_pretrain", "attention_scaling", "3. Wavelet attention against full attention",
-                  "attention_scaling.png"),
-    "infonce": ("lib.bench_pretrain", "infonce", "4. Spatial InfoNCE: batched against the loop reference", None),
-    "data": ("lib.bench_data", "data_path", "5. Data path: decoding, cache, consumption", None),
-    "diffusion": ("lib.bench_families", "diffusion_sampling", "6. Diffusion: DDIM sampling and VAE throughput", None),
-    "memory": ("lib.bench_families", "memory_estimate", "7. Memory estimate at prod on a 16 GB GPU (T4)", None),
-}
-
-
-# --------------------------------------------------------------------------- machine and measurement
 
 def machine() -> dict:
     cpu = platform.processor() or ""
@@ -96,6 +49,8 @@ def machine_line(m: dict | None = None) -> str:
     return (f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m.get('torch')}, "
             f"device {m['gpu'] or m['device']}, OMP_WAIT_POLICY {m.get('omp_wait_policy')}")
 
+
+# --------------------------------------------------------------------------- time and FLOPs
 
 def _sync() -> None:
     if torch.cuda.is_available():
@@ -143,6 +98,8 @@ def count_flops(fn: Callable[[], object]) -> int:
         fn()
     return int(counter.get_total_flops())
 
+
+# --------------------------------------------------------------------------- memory
 
 def peak_tensor_mb(fn: Callable[[], object]) -> float:
     """Peak of the tensor memory that ``fn`` allocates (MB above what was allocated when it started): what
@@ -193,6 +150,8 @@ def status_mb(field: str) -> float:
     raise OSError(f"/proc/self/status has no {field}")
 
 
+# --------------------------------------------------------------------------- a case in a child process
+
 def _in_child(fn: Callable, args: tuple, kwargs: dict, conn) -> None:
     try:
         try:
@@ -227,6 +186,8 @@ def isolated(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
     """
     import multiprocessing as mp
 
+    from lib.bench.report import SECTIONS
+
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD + sorted({module for module, *_ in SECTIONS.values()}))
     receive, send = ctx.Pipe(duplex=False)
@@ -243,6 +204,8 @@ def isolated(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
         raise RuntimeError(f"{fn.__name__}{args} failed in its child process:\n{payload}")
     return payload
 
+
+# --------------------------------------------------------------------------- one optimizer step
 
 def train_step(model: torch.nn.Module, batch: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
                amp: bool, repeats: int = 3, lr: float = 1e-4) -> dict:
@@ -316,96 +279,3 @@ def ceilings(rows: list[dict]) -> dict[str, float]:
         if r["section"] == "ceiling":
             out[r["dtype"]] = max(out.get(r["dtype"], 0.0), r["gflops"])
     return out
-
-
-# --------------------------------------------------------------------------- report
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e5 else f"{v:.0f}"
-    return "" if v is None else str(v)
-
-
-def table(rows: list[dict]) -> str:
-    """A markdown table of ``rows``: columns in first-seen order (not ``section``, ``machine``, nested values)."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k, v in r.items() if k not in cols and k not in ("section", "machine")
-                 and not isinstance(v, (dict, list))]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _section_module(name: str):
-    return importlib.import_module(SECTIONS[name][0])
-
-
-def targets(rows: list[dict], sections: list[str]) -> list[str]:
-    lines = []
-    for name in sections:
-        fn = getattr(_section_module(name), "targets", None) if name != "ceiling" else None
-        if fn is not None:
-            lines += fn([r for r in rows if r["section"] == name])
-    return lines
-
-
-def report(record: dict, stamp: str) -> str:
-    m, rows = record["machine"], record["rows"]
-    quick = " (--quick: tiny sizes, not representative)" if record["quick"] else ""
-    parts = [f"# Benchmarks\n\nWritten by `make bench` (`python -m lib.bench`; its docstring and those of the modules "
-             f"it names say what is measured and how). Latest run: `{stamp}.json`{quick}, {record['date']}.\n\n"
-             f"Machine: {machine_line(m)}. Ceiling GFLOP/s: "
-             + ", ".join(f"{k} {v:.0f}" for k, v in record["ceiling_gflops"].items()) + ".\n"]
-    if record["targets"]:
-        parts.append("## Targets\n\n" + "\n".join(f"- {t}" for t in record["targets"]) + "\n")
-    for name in record["sections"]:
-        section_rows = [r for r in rows if r["section"] == name]
-        if section_rows:
-            parts.append(f"## {SECTIONS[name][2]}\n\n{table(section_rows)}\n")
-        if SECTIONS[name][3]:
-            parts.append(f"![{name}]({SECTIONS[name][3]})\n")
-    return "\n".join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lib.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test of every section)")
-    parser.add_argument("--only", nargs="+", metavar="SECTION", help=f"sections to run: {', '.join(SECTIONS)}")
-    parser.add_argument("--out", type=Path, default=None, help="folder (default results/benchmarks)")
-    args = parser.parse_args(argv)
-    unknown = [s for s in args.only or [] if s not in SECTIONS]
-    if unknown:
-        parser.error(f"unknown section(s) {', '.join(unknown)}; valid choices: {', '.join(SECTIONS)}")
-    out = args.out or paths.results_dir() / "benchmarks"
-    chosen = [s for s in SECTIONS if not args.only or s in args.only or s == "ceiling"]
-    m = machine()
-    rows: list[dict] = []
-    cap: dict[str, float] = {}
-    for name in chosen:
-        module, fn_name, title, _ = SECTIONS[name]
-        print(f"[bench] {title} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        new = getattr(importlib.import_module(module), fn_name)(args.quick, cap, out)
-        for r in new:
-            r.setdefault("section", name)
-            r["machine"] = machine_line(m)
-        rows += new
-        if name == "ceiling":
-            cap = ceilings(rows)
-        print(table(new) + f"\n[bench] {name}: {time.perf_counter() - t0:.0f} s\n", flush=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    record = {"machine": m, "date": _dt.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
-              "sections": chosen, "ceiling_gflops": cap, "targets": targets(rows, chosen),
-              "figures": [str(out / SECTIONS[s][3]) for s in chosen if SECTIONS[s][3]], "rows": rows}
-    write_json(out / f"{stamp}.json", record)
-    write_text(out / "README.md", report(record, stamp))
-    print("\n".join(record["targets"]))
-    print(f"\nwritten: {out / (stamp + '.json')} and {out / 'README.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
