@@ -31,11 +31,11 @@ from lib.config import args_for, resolve
 from lib.data import demo, radiograph
 from lib.data.datasets import CXRPairs
 from lib.device import autocast
+from lib.families.common import count_parameters, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses.cxr_change import change_loss, masked_reconstruction_loss, random_patch_mask
 from lib.models.cxr_change import (ChangeModelConfig, LongitudinalMIMModel, LongitudinalMIMModelBig,
                                    MaskedReconstructionModel)
-from lib.runs import loader_seeding
 
 NOTEBOOK = "05_cxr_change"
 SPLITS = ("train", "val", "test")
@@ -62,11 +62,7 @@ def pair_counts(data: Mapping[str, CXRPairs]) -> pd.DataFrame:
 
 def loaders(cfg: Mapping[str, Any], data: Mapping[str, CXRPairs]) -> dict[str, DataLoader]:
     """One loader per split: the training one shuffled (seeded by ``cfg.seed``), full batches only."""
-    out = {"train": DataLoader(data["train"], batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
-                               num_workers=cfg["num_workers"], **loader_seeding(cfg["seed"]))}
-    out.update({s: DataLoader(data[s], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
-                for s in ("val", "test")})
-    return out
+    return split_loaders(cfg, data)
 
 
 def augment_pairs(baseline: torch.Tensor, followup: torch.Tensor, change: torch.Tensor,
@@ -101,10 +97,6 @@ def build(cfg: Mapping[str, Any]) -> LongitudinalMIMModelBig:
 def build_mim(cfg: Mapping[str, Any]) -> MaskedReconstructionModel:
     """The masked-reconstruction model whose encoder has the change model's architecture."""
     return MaskedReconstructionModel(model_config(cfg))
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def freeze_encoder(model: nn.Module, frozen: bool = True) -> int:

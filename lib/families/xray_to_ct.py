@@ -30,11 +30,11 @@ from lib.data.cache import ArrayCache
 from lib.data.datasets import DRRVolumes
 from lib.data.io import Volume, load_volume, save_volume
 from lib.device import autocast
+from lib.families.common import count_parameters, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses import medical
 from lib.metrics import reconstruction_metrics
 from lib.models.xray2ct import HybridCNNViTUNet3D
-from lib.runs import loader_seeding
 
 NOTEBOOK = "06_xray_to_ct"
 SPLITS = ("train", "val", "test")
@@ -53,11 +53,6 @@ def default_angles(views: int) -> tuple[float, ...]:
     if not isinstance(views, int) or isinstance(views, bool) or views < 1:
         raise ValueError(f"views must be an int >= 1, got {views!r}")
     return tuple(180.0 * k / views for k in range(views))
-
-
-def count_parameters(model: nn.Module) -> int:
-    # lib.models.cxr_change.count_parameters is its twin (with trainable_only): one shared helper would do.
-    return sum(p.numel() for p in model.parameters())
 
 
 def hu_range(cfg: Mapping[str, Any]) -> tuple[float, float]:
@@ -80,11 +75,7 @@ def datasets(cfg: Mapping[str, Any], root: str | Path | None = None) -> dict[str
 
 def loaders(cfg: Mapping[str, Any], data: Mapping[str, DRRVolumes]) -> dict[str, DataLoader]:
     """One loader per split: the training one shuffled (seeded by ``cfg.seed``), full batches only."""
-    out = {"train": DataLoader(data["train"], batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
-                               num_workers=cfg["num_workers"], **loader_seeding(cfg["seed"]))}
-    out.update({s: DataLoader(data[s], batch_size=cfg["batch_size"], num_workers=cfg["num_workers"])
-                for s in ("val", "test")})
-    return out
+    return split_loaders(cfg, data)
 
 
 def mean_volume(dataset: DRRVolumes) -> torch.Tensor:
