@@ -15,13 +15,11 @@ configuration, and never names a model or opens a data file::
 One optimizer step: ``grad_accum`` micro-batches under autocast (bf16 on CPU and Ampere+, fp16 with a
 gradient scaler on older GPUs such as the T4; :mod:`lib.device` decides), gradient clipping, a
 skip of any update whose loss or gradient is not finite, the optimizer and scheduler step (linear
-warm-up then cosine by default), the EMA update. The run folder ``out_dir`` receives::
-
-    steps.csv        every log_every optimizer steps: epoch, step, lr, loss, metrics, skipped, time_s
-    epochs.csv       every epoch: the train means and, every val_every epochs, val_loss and val_<metric>
-    loss_curve.png   redrawn every epoch (and every 30 s in between)
-    checkpoints/     last.pt (every epoch and on a time-budget stop), best.pt (by best_metric),
-                     epoch_NNNN.pt (every ckpt_every epochs); see lib.checkpoint
+warm-up then cosine by default), the EMA update. The model trains in :func:`train_mode`: a submodule
+whose parameters are all frozen (a probed encoder) stays in eval mode. The run folder ``out_dir``
+receives steps.csv, epochs.csv and loss_curve.png (:mod:`lib.train_log`) and ``checkpoints/``:
+last.pt (every epoch and on a time-budget stop), best.pt (by best_metric), epoch_NNNN.pt (every
+ckpt_every epochs); see :mod:`lib.checkpoint`.
 
 Resume (``resume=True`` or a checkpoint path) restores weights, optimizer, scheduler, scaler, EMA,
 progress and every RNG (python, numpy, torch, CUDA and the loader's generator), and continues
@@ -37,35 +35,33 @@ writes last.pt and returns with ``status="time_budget"``. Non-finite loss or gra
 update is skipped (the scheduler still ticks) and counted; ``max_nonfinite`` in a row raise
 :class:`NonFiniteError`; a model or EMA holding NaN/Inf is never checkpointed (same error).
 
-Several processes: start them with torchrun (and call :func:`init_distributed`) or with
-:func:`launch`; ``fit`` then wraps the model in DDP (pass a model you wrapped yourself to choose
-DDP's options, e.g. ``find_unused_parameters``), all ranks agree on skips and stops, and only rank 0
-writes files and shows a progress bar. Give each rank its shard with a ``DistributedSampler``.
+Several processes (:mod:`lib.distributed`: torchrun and :func:`init_distributed`, or :func:`launch`):
+``fit`` wraps the model in DDP (pass a model you wrapped yourself to choose DDP's options), all ranks
+agree on skips and stops, and only rank 0 writes files and shows a progress bar. Give each rank its
+shard with a ``DistributedSampler``.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import socket
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from lib import checkpoint as ckpt
+from lib import distributed
 from lib.checkpoint import CheckpointError, ConfigMismatchError, CorruptCheckpointError, UnsafeCheckpointError  # noqa: F401
 from lib.device import autocast, needs_grad_scaler, pick_device
-from lib.runs import save_figure, write_csv
+from lib.distributed import init_distributed, launch  # noqa: F401  (lib.train's interface since before the split)
+from lib.train_log import Progress, RunLog
 
 # Configuration keys that may change between an interrupted run and its resume.
 RESUME_MAY_DIFFER = ("resume", "time_budget_s", "device", "log_every")
@@ -163,21 +159,6 @@ class TrainSettings:
 
 
 @dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint."""
-
-    epoch: int = 0            # completed epochs
-    batch: int = 0            # micro-batches consumed in the current epoch
-    step: int = 0             # optimizer steps taken, skipped ones included (the schedule's clock)
-    skipped: int = 0          # optimizer steps skipped for a non-finite loss or gradient
-    in_a_row: int = 0
-    lr: float | None = None   # the learning rate of the last step
-    best: float | None = None
-    best_epoch: int | None = None
-    meters: dict = field(default_factory=lambda: {"window": {}, "epoch": {}})  # sums behind the CSV means
-
-
-@dataclass
 class FitResult:
     status: str                       # "completed" or "time_budget" (resume to continue)
     progress: Progress
@@ -201,224 +182,299 @@ def fit(model: torch.nn.Module, step: Callable, train_loader: Any, optimizer: to
     ``out_dir/checkpoints/last.pt`` if there is one, a path from that checkpoint.
     """
     s = settings if settings is not None else TrainSettings.from_config(config)
-    out_dir, val_step = Path(out_dir), val_step or step
-    ckpt_dir = out_dir / "checkpoints"
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    main = rank == 0
-    device = device or _default_device(config, world)
+    rank, world = distributed.rank_and_world()
+    device = device or distributed.rank_device(pick_device(config.get("device")), world)
     n_batches = _length(train_loader, "train_loader")
     steps_per_epoch = math.ceil(n_batches / s.grad_accum)
     core = model.module if isinstance(model, DDP) else model
     core.to(device)
-    params = [p for p in core.parameters() if p.requires_grad]
-    scheduler = scheduler if scheduler is not None else warmup_cosine(optimizer, s, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=s.amp and needs_grad_scaler(device))
+    if scheduler is None:
+        scheduler = warmup_cosine(optimizer, s, steps_per_epoch)
     ema = None if s.ema_decay is None else AveragedModel(
         core, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
-    resolved = ckpt.plain({**config, **asdict(s)})
-    generators = _loader_generators(train_loader)
+    run = _Run(s=s, net=model, core=core, step=step, optimizer=optimizer, scheduler=scheduler, ema=ema,
+               device=device, rank=rank, world=world, n_batches=n_batches, out_dir=Path(out_dir),
+               resolved=ckpt.plain({**config, **asdict(s)}), generators=_loader_generators(train_loader))
+    resumed = _restore(run, resume)
+    if world > 1 and core is model:
+        run.net = distributed.wrap(core, device)
+    run.log = RunLog(run.out_dir, run.main, run.progress, resumed, total_steps=s.epochs * steps_per_epoch)
+    run.metrics = dict(run.log.epochs.rows[-1]) if run.log.epochs.rows else {}
+    run.t0 = run.last_plot = _clock()
+    run.deadline = run.t0 + s.time_budget_s if s.time_budget_s else math.inf
 
-    progress, pending_rng = Progress(), None
-    resumed = _resume_from(resume, ckpt_dir, resolved, world, main)
-    if resumed is not None:
-        core.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        if scaler.is_enabled() and resumed["scaler"]:
-            scaler.load_state_dict(resumed["scaler"])
-        if ema is not None:
-            ema.load_state_dict(resumed["ema"])
-        progress, pending_rng = Progress(**resumed["progress"]), resumed["rng"][rank]
-        if not 0 < progress.batch < n_batches:  # at an epoch boundary: nothing to replay
-            ckpt.set_rng(pending_rng["now"], generators)
-            pending_rng = None
-    elif any(ckpt_dir.glob("*.pt")):
-        raise CheckpointError(f"{ckpt_dir} already holds checkpoints of another run: pass resume=True to "
-                              f"continue it, or train into a new out_dir")
-    ddp = world > 1
-    net = DDP(core, device_ids=[device.index] if device.type == "cuda" else None) if ddp and core is model else model
-
-    steps_log = _CsvLog(out_dir / "steps.csv", main, keep=lambda r: r["step"] <= progress.step, resume=resumed is not None)
-    epochs_log = _CsvLog(out_dir / "epochs.csv", main, keep=lambda r: r["epoch"] <= progress.epoch, resume=resumed is not None)
-    t0 = _clock()
-    deadline = t0 + s.time_budget_s if s.time_budget_s else math.inf
-    estimate = {"step": 0.0, "val": 0.0, "ckpt": 0.5 + _nbytes(core, optimizer) / 200e6}  # seconds, for the budget
-    timings = {"validation": 0.0, "checkpoint": 0.0, "plot": 0.0}
-    last_plot, last_saved, status = t0, None, "completed"
-    metrics = dict(epochs_log.rows[-1]) if epochs_log.rows else {}
-    bar = tqdm(total=s.epochs * steps_per_epoch, initial=progress.step, unit="step", dynamic_ncols=True,
-               **({} if main else {"disable": True}))  # no explicit disable on rank 0: TQDM_DISABLE=1 rules
-
-    def lr() -> float:
-        return optimizer.param_groups[0]["lr"]
-
-    def save(improved: bool) -> None:
-        # Every rank joins (the RNG gather is collective); rank 0 writes. A NaN model never reaches disk.
-        nonlocal last_saved
-        t = _clock()
-        bad = ckpt.first_nonfinite(core) or (ckpt.first_nonfinite(ema) if ema is not None else None)
-        if bad:
-            raise NonFiniteError(f"not checkpointing: {bad!r} holds NaN or Inf at epoch {progress.epoch}, step "
-                                 f"{progress.step}; {_last_good(last_saved, ckpt_dir)}")
-        in_epoch = 0 < progress.batch < n_batches
-        rng = _gather({"now": ckpt.get_rng(generators), "epoch_start": epoch_rng if in_epoch else None}, world)
-        if main:
-            ckpt.save(ckpt_dir / "last.pt", {
-                "format": ckpt.FORMAT, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "progress": asdict(progress),
-                "rng": rng, "config": resolved, "world_size": world})
-            if improved:
-                ckpt.copy(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
-            if s.ckpt_every and progress.batch == 0 and progress.epoch % s.ckpt_every == 0:
-                ckpt.copy(ckpt_dir / "last.pt", ckpt_dir / f"epoch_{progress.epoch:04d}.pt")
-        last_saved = (ckpt_dir / "last.pt", progress.epoch, progress.step)
-        timings["checkpoint"] += _clock() - t
-        estimate["ckpt"] = 2 * (_clock() - t)
-
-    def plot(force: bool) -> None:
-        nonlocal last_plot
-        if main and (force or _clock() - last_plot > 30):
-            t = last_plot = _clock()
-            _plot_losses(out_dir / "loss_curve.png", steps_log.rows, epochs_log.rows)
-            timings["plot"] += _clock() - t
-
+    status = "completed"
     try:
-        while progress.epoch < s.epochs:
-            # The loader draws its order and worker seeds from the RNGs when its iterator is created:
-            # keep those states, so that a checkpoint inside this epoch can replay the same batches.
-            if pending_rng is not None:
-                ckpt.set_rng(pending_rng["epoch_start"], generators)
-            epoch_rng = ckpt.get_rng(generators)
-            bar.set_description(f"epoch {progress.epoch + 1}/{s.epochs}", refresh=False)
-            stop = False
-            if progress.batch < n_batches:
-                for sampler in {id(x): x for x in _samplers(train_loader)}.values():
-                    sampler.set_epoch(progress.epoch)
-                batches = iter(train_loader)
-                for _ in range(progress.batch):
-                    next(batches)
-                if pending_rng is not None:
-                    ckpt.set_rng(pending_rng["now"], generators)
-                    pending_rng = None
-                net.train()
-            while progress.batch < n_batches and not stop:
-                t_step = _clock()
-                size = min(s.grad_accum, n_batches - progress.batch)
-                sums: dict[str, torch.Tensor] = {}
-                for j in range(size):
-                    batch = _to_device(next(batches), device)
-                    # DDP all-reduces gradients in backward; between accumulated micro-batches that is wasted.
-                    with net.no_sync() if ddp and j < size - 1 else nullcontext():
-                        with autocast(device, s.amp):
-                            loss, values = _unpack(step(net, batch), "step")
-                        scaler.scale(loss / size).backward()
-                    for name, v in {"loss": loss, **values}.items():
-                        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                        sums[name] = sums[name] + v.to(loss.device) if name in sums else v.to(loss.device)
-                progress.batch += size
-                scaler.unscale_(optimizer)
-                if s.clip_grad_norm is not None:
-                    norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
-                else:
-                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                names = list(sums)
-                numbers = torch.stack([norm.float().to(loss.device), *(sums[k] / size for k in names)]).tolist()
-                means = dict(zip(names, numbers[1:]))
-                nonfinite = not (math.isfinite(numbers[0]) and math.isfinite(means["loss"]))
-                need = estimate["step"] + estimate["ckpt"]
-                if progress.batch == n_batches and _validate_now(progress.epoch + 1, s, val_loader):
-                    need += estimate["val"]
-                # Ranks must agree: one skipping an update or stopping alone would hang the others.
-                nonfinite, stop = _agree([nonfinite, _clock() + need > deadline], world, device)
-                if nonfinite:
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.update()  # backs off the fp16 loss scale when the gradients overflowed
-                    progress.skipped += 1
-                    progress.in_a_row += 1
-                    if main:
-                        bar.write(f"epoch {progress.epoch + 1} step {progress.step + 1}: non-finite loss or gradient "
-                                  f"(loss {means['loss']:.4g}, grad norm {numbers[0]:.4g}); update skipped "
-                                  f"({progress.in_a_row} in a row, {progress.skipped} in total)")
-                    if progress.in_a_row >= s.max_nonfinite:
-                        raise NonFiniteError(
-                            f"{progress.in_a_row} optimizer steps in a row had a non-finite loss or gradient (epoch "
-                            f"{progress.epoch + 1}, step {progress.step + 1}; {progress.skipped} skipped in total): "
-                            f"stopping (max_nonfinite={s.max_nonfinite}). {_last_good(last_saved, ckpt_dir)}. Usual "
-                            f"causes: NaN/Inf in the data, a learning rate too high, no gradient clipping.")
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update_parameters(core)
-                    progress.in_a_row = 0
-                    for meter in progress.meters.values():
-                        meter["n"] = meter.get("n", 0) + 1
-                        for k, v in means.items():
-                            meter[k] = meter.get(k, 0.0) + v
-                progress.lr = lr()
-                # The schedule follows progress through the data, skipped steps included (torch warns
-                # when that happens before the first optimizer step; here it is intended).
-                with warnings.catch_warnings() if nonfinite else nullcontext():
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    scheduler.step()
-                progress.step += 1
-                bar.update(1)
-                estimate["step"] = max(_clock() - t_step, 0.9 * estimate["step"])
-                if progress.step % s.log_every == 0:
-                    row = {"epoch": round(progress.epoch + progress.batch / n_batches, 4), "step": progress.step,
-                           "lr": progress.lr, **_means(progress.meters, "window"), "skipped": progress.skipped,
-                           "time_s": round(_clock() - t0, 3)}
-                    steps_log.add(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
-                    plot(force=False)
+        while run.progress.epoch < s.epochs:
+            batches, stop = _start_epoch(run, train_loader), False
+            while run.progress.batch < n_batches and not stop:
+                stop = _optimizer_step(run, batches, val_loader)
             if stop:
-                save(improved=False)
+                _save(run, improved=False)
                 status = "time_budget"
                 break
-
-            # End of an epoch: validation, the epoch row, checkpoints, the curve.
-            val = {}
-            if _validate_now(progress.epoch + 1, s, val_loader):
-                t = _clock()
-                val = evaluate(ema.module if ema is not None else core, val_step, val_loader, device=device,
-                               amp=s.amp)
-                estimate["val"] = _clock() - t
-                timings["validation"] += estimate["val"]
-            progress.epoch += 1
-            progress.batch = 0
-            metrics = {"epoch": progress.epoch, "step": progress.step, "lr": progress.lr, **_means(progress.meters, "epoch"),
-                       "skipped": progress.skipped, **{f"val_{k}": v for k, v in val.items()},
-                       "time_s": round(_clock() - t0, 3)}
-            improved = _improved(metrics, progress, s, val_loader is not None)
-            epochs_log.add(metrics)
-            save(improved)
-            plot(force=True)
-            if progress.epoch < s.epochs and _agree([False, _clock() + estimate["step"] + estimate["ckpt"] > deadline],
-                                                   world, device)[1]:
+            if _end_epoch(run, val_loader, val_step or step):
                 status = "time_budget"
                 break
     finally:
-        bar.close()
-    timings["total"] = _clock() - t0
-    if status == "time_budget" and main:
-        print(f"time budget of {s.time_budget_s:g} s reached: stopped at epoch {progress.epoch}, step "
-              f"{progress.step}; checkpoint {ckpt_dir / 'last.pt'} (resume=True continues)")
-    if ddp:
-        dist.barrier()
-    best_path = ckpt_dir / "best.pt"
-    return FitResult(status=status, progress=progress, metrics=metrics,
-                     checkpoint=ckpt_dir / "last.pt" if main else None,
-                     best_checkpoint=best_path if main and best_path.exists() else None, ema=ema, timings=timings)
+        run.log.bar.close()
+    return _finish(run, status)
 
+
+def train_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """``model.train()``, except that every submodule whose parameters (at least one) are all frozen goes
+    back to eval mode: a frozen encoder keeps dropout and stochastic depth off and its normalisation
+    statistics still (lib.families.downstream's linear probe)."""
+    model.train()
+    for m in model.modules():
+        trainable = [p.requires_grad for p in m.parameters()]
+        if trainable and not any(trainable):
+            m.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- the phases of fit
+
+@dataclass
+class _Run:
+    """What the phases of :func:`fit` share: the run's parts, fixed after set-up, and its moving state."""
+
+    s: TrainSettings
+    net: torch.nn.Module                # what the step function gets (in DDP with several processes)
+    core: torch.nn.Module               # the model itself: checkpointed, and validated without EMA
+    step: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: AveragedModel | None
+    device: torch.device
+    rank: int
+    world: int
+    n_batches: int                      # micro-batches per epoch
+    out_dir: Path
+    resolved: dict                      # the configuration saved in every checkpoint
+    generators: list                    # the train loader's generators, part of the RNG state
+    progress: Progress = field(default_factory=Progress)
+    pending_rng: dict | None = None     # resumed inside an epoch: its RNG states, until replayed
+    epoch_rng: Any = None               # the RNG states at the start of this epoch
+    last_saved: tuple | None = None     # (path, epoch, step) of this session's latest checkpoint
+    log: RunLog | None = None
+    metrics: dict = field(default_factory=dict)  # the latest epochs.csv row
+    t0: float = 0.0
+    deadline: float = math.inf
+    last_plot: float = 0.0
+    timings: dict = field(default_factory=lambda: {"validation": 0.0, "checkpoint": 0.0, "plot": 0.0})
+
+    def __post_init__(self) -> None:
+        self.main, self.ckpt_dir = self.rank == 0, self.out_dir / "checkpoints"
+        self.params = [p for p in self.core.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.s.amp and needs_grad_scaler(self.device))
+        # Seconds a step, a validation and a checkpoint take (measured as they happen), for the time budget.
+        self.estimate = {"step": 0.0, "val": 0.0, "ckpt": 0.5 + _nbytes(self.core) / 200e6}
+
+
+def _restore(run: _Run, resume: Any) -> bool:
+    """Weights, optimizer, scheduler, scaler, EMA, progress and RNGs from the checkpoint to resume from;
+    False for a fresh start, which is refused over another run's checkpoints."""
+    state = _resume_from(resume, run.ckpt_dir, run.resolved, run.world, run.main)
+    if state is None:
+        if any(run.ckpt_dir.glob("*.pt")):
+            raise CheckpointError(f"{run.ckpt_dir} already holds checkpoints of another run: pass resume=True to "
+                                  f"continue it, or train into a new out_dir")
+        return False
+    run.core.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler.is_enabled() and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.progress, run.pending_rng = Progress(**state["progress"]), state["rng"][run.rank]
+    if not 0 < run.progress.batch < run.n_batches:  # at an epoch boundary: nothing to replay
+        ckpt.set_rng(run.pending_rng["now"], run.generators)
+        run.pending_rng = None
+    return True
+
+
+def _start_epoch(run: _Run, train_loader: Any) -> Iterator | None:
+    """The epoch's batches, past those a resumed run already trained on; the model in :func:`train_mode`."""
+    # The loader draws its order and worker seeds from the RNGs when its iterator is created:
+    # keep those states, so that a checkpoint inside this epoch can replay the same batches.
+    p = run.progress
+    if run.pending_rng is not None:
+        ckpt.set_rng(run.pending_rng["epoch_start"], run.generators)
+    run.epoch_rng = ckpt.get_rng(run.generators)
+    run.log.bar.set_description(f"epoch {p.epoch + 1}/{run.s.epochs}", refresh=False)
+    if p.batch >= run.n_batches:  # stopped after the epoch's last step, before its validation
+        return None
+    for sampler in {id(x): x for x in _samplers(train_loader)}.values():
+        sampler.set_epoch(p.epoch)
+    batches = iter(train_loader)
+    for _ in range(p.batch):
+        next(batches)
+    if run.pending_rng is not None:
+        ckpt.set_rng(run.pending_rng["now"], run.generators)
+        run.pending_rng = None
+    train_mode(run.net)
+    return batches
+
+
+def _optimizer_step(run: _Run, batches: Iterator, val_loader: Any) -> bool:
+    """One optimizer step, or its skip; True when the time budget leaves no room for the next one."""
+    s, p, t = run.s, run.progress, _clock()
+    size = min(s.grad_accum, run.n_batches - p.batch)
+    means, norm = _accumulate(run, batches, size)
+    p.batch += size
+    nonfinite = not (math.isfinite(norm) and math.isfinite(means["loss"]))
+    need = run.estimate["step"] + run.estimate["ckpt"]
+    if p.batch == run.n_batches and _validate_now(p.epoch + 1, s, val_loader):
+        need += run.estimate["val"]
+    # Ranks must agree: one skipping an update or stopping alone would hang the others.
+    nonfinite, stop = distributed.agree([nonfinite, _clock() + need > run.deadline], run.world, run.device)
+    if nonfinite:
+        _skip(run, means["loss"], norm)
+    else:
+        _update(run, means)
+    p.lr = run.optimizer.param_groups[0]["lr"]
+    # The schedule follows progress through the data, skipped steps included (torch warns when that
+    # happens before the first optimizer step; here it is intended).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        run.scheduler.step()
+    p.step += 1
+    run.log.bar.update(1)
+    run.estimate["step"] = max(_clock() - t, 0.9 * run.estimate["step"])
+    if p.step % s.log_every == 0:
+        run.log.step_row(p, run.n_batches, time_s=round(_clock() - run.t0, 3))
+        _plot(run, force=False)
+    return stop
+
+
+def _accumulate(run: _Run, batches: Iterator, size: int) -> tuple[dict, float]:
+    """Forward and backward of ``size`` micro-batches (the loss averaged over them), then the gradients
+    unscaled and clipped; returns the mean loss and metrics, and the gradient norm before clipping."""
+    sums: dict[str, torch.Tensor] = {}
+    for j in range(size):
+        batch = _to_device(next(batches), run.device)
+        # DDP all-reduces gradients in backward; between accumulated micro-batches that is wasted.
+        with run.net.no_sync() if run.world > 1 and j < size - 1 else nullcontext():
+            with autocast(run.device, run.s.amp):
+                loss, values = _unpack(run.step(run.net, batch), "step")
+            run.scaler.scale(loss / size).backward()
+        for name, v in {"loss": loss, **values}.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            sums[name] = sums[name] + v.to(loss.device) if name in sums else v.to(loss.device)
+    run.scaler.unscale_(run.optimizer)
+    if run.s.clip_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(run.params, run.s.clip_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+    names = list(sums)
+    numbers = torch.stack([norm.float().to(loss.device), *(sums[k] / size for k in names)]).tolist()
+    return dict(zip(names, numbers[1:])), numbers[0]
+
+
+def _skip(run: _Run, loss: float, norm: float) -> None:
+    """Drop a non-finite step's gradients; ``max_nonfinite`` in a row raise :class:`NonFiniteError`."""
+    p = run.progress
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.update()  # backs off the fp16 loss scale when the gradients overflowed
+    p.skipped += 1
+    p.in_a_row += 1
+    run.log.note(f"epoch {p.epoch + 1} step {p.step + 1}: non-finite loss or gradient (loss {loss:.4g}, grad "
+                 f"norm {norm:.4g}); update skipped ({p.in_a_row} in a row, {p.skipped} in total)")
+    if p.in_a_row >= run.s.max_nonfinite:
+        raise NonFiniteError(
+            f"{p.in_a_row} optimizer steps in a row had a non-finite loss or gradient (epoch {p.epoch + 1}, step "
+            f"{p.step + 1}; {p.skipped} skipped in total): stopping (max_nonfinite={run.s.max_nonfinite}). "
+            f"{_last_good(run.last_saved, run.ckpt_dir)}. Usual causes: NaN/Inf in the data, a learning rate "
+            f"too high, no gradient clipping.")
+
+
+def _update(run: _Run, means: dict) -> None:
+    """The optimizer step, the EMA update, the step's means into the logs' sums."""
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(run.core)
+    run.progress.in_a_row = 0
+    run.progress.count(means)
+
+
+def _end_epoch(run: _Run, val_loader: Any, val_step: Callable) -> bool:
+    """Validation, the epoch row, checkpoints, the curve; True when the time budget leaves no room for
+    the next epoch's first step."""
+    s, p, val = run.s, run.progress, {}
+    if _validate_now(p.epoch + 1, s, val_loader):
+        t = _clock()
+        val = evaluate(run.ema.module if run.ema is not None else run.core, val_step, val_loader,
+                       device=run.device, amp=s.amp)
+        run.estimate["val"] = _clock() - t
+        run.timings["validation"] += run.estimate["val"]
+    p.epoch += 1
+    p.batch = 0
+    run.metrics = run.log.epoch_row(p, val, time_s=round(_clock() - run.t0, 3))
+    improved = p.improved(run.metrics, s.best_metric, s.best_mode, has_val=val_loader is not None)
+    run.log.epochs.add(run.metrics)
+    _save(run, improved)
+    _plot(run, force=True)
+    late = _clock() + run.estimate["step"] + run.estimate["ckpt"] > run.deadline
+    return p.epoch < s.epochs and distributed.agree([late], run.world, run.device)[0]
+
+
+def _save(run: _Run, improved: bool) -> None:
+    """last.pt, and best.pt and epoch_NNNN.pt when due. Every rank joins (the RNG gather is collective);
+    rank 0 writes. A NaN model never reaches disk."""
+    t, p, to = _clock(), run.progress, run.ckpt_dir
+    bad = ckpt.first_nonfinite(run.core) or (ckpt.first_nonfinite(run.ema) if run.ema is not None else None)
+    if bad:
+        raise NonFiniteError(f"not checkpointing: {bad!r} holds NaN or Inf at epoch {p.epoch}, step {p.step}; "
+                             f"{_last_good(run.last_saved, to)}")
+    in_epoch = 0 < p.batch < run.n_batches
+    rng = distributed.gather({"now": ckpt.get_rng(run.generators), "epoch_start": run.epoch_rng if in_epoch else None},
+                             run.world)
+    if run.main:
+        ckpt.save(to / "last.pt", {
+            "format": ckpt.FORMAT, "model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "ema": run.ema.state_dict() if run.ema is not None else None, "progress": asdict(p),
+            "rng": rng, "config": run.resolved, "world_size": run.world})
+        if improved:
+            ckpt.copy(to / "last.pt", to / "best.pt")
+        if run.s.ckpt_every and p.batch == 0 and p.epoch % run.s.ckpt_every == 0:
+            ckpt.copy(to / "last.pt", to / f"epoch_{p.epoch:04d}.pt")
+    run.last_saved = (to / "last.pt", p.epoch, p.step)
+    run.timings["checkpoint"] += _clock() - t
+    run.estimate["ckpt"] = 2 * (_clock() - t)
+
+
+def _plot(run: _Run, force: bool) -> None:
+    if run.main and (force or _clock() - run.last_plot > 30):
+        t = run.last_plot = _clock()
+        run.log.plot()
+        run.timings["plot"] += _clock() - t
+
+
+def _finish(run: _Run, status: str) -> FitResult:
+    run.timings["total"] = _clock() - run.t0
+    p, last, best = run.progress, run.ckpt_dir / "last.pt", run.ckpt_dir / "best.pt"
+    if status == "time_budget" and run.main:
+        print(f"time budget of {run.s.time_budget_s:g} s reached: stopped at epoch {p.epoch}, step {p.step}; "
+              f"checkpoint {last} (resume=True continues)")
+    distributed.barrier(run.world)
+    return FitResult(status=status, progress=p, metrics=run.metrics, checkpoint=last if run.main else None,
+                     best_checkpoint=best if run.main and best.exists() else None, ema=run.ema, timings=run.timings)
+
+
+# --------------------------------------------------------------------------- also used outside fit
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, step: Callable, loader: Any, *, device: torch.device,
              amp: bool = True) -> dict[str, float]:
-    """Mean loss and metrics of ``step`` over ``loader`` (batch means; over all ranks' batches in DDP)."""
+    """Mean loss and metrics of ``step`` over ``loader`` (batch means; over all ranks' batches in DDP).
+    Leaves every submodule in the mode it was in (a frozen encoder stays in eval mode)."""
     n = _length(loader, "val_loader")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     for batch in loader:
@@ -427,12 +483,11 @@ def evaluate(model: torch.nn.Module, step: Callable, loader: Any, *, device: tor
         for name, v in {"loss": loss, **values}.items():
             v = (v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))).to(device)
             sums[name] = sums[name] + v if name in sums else v
-    model.train(was_training)
+    for m, mode in modes:  # parents come first: a child that differed from its parent is set after it
+        if m.training != mode:
+            m.train(mode)
     totals = torch.stack([*sums.values(), torch.tensor(float(n), device=device)])
-    if dist.is_available() and dist.is_initialized():
-        totals = totals.to(_comm_device(device))
-        dist.all_reduce(totals)
-    totals = totals.tolist()
+    totals = distributed.sum_over_ranks(totals, device).tolist()
     return {name: totals[i] / totals[-1] for i, name in enumerate(sums)}
 
 
@@ -441,8 +496,8 @@ def adamw(params: Iterable, lr: float = 1e-3, weight_decay: float = 0.01) -> tor
     loop over them), the default otherwise (a device or dtype torch has no fused kernel for).
 
     The update rule is the same, up to float rounding (tests/test_train.py). Measured on this CPU at the
-    subset presets under bf16 autocast: 7-10 % off every family's training step (WaveFormer pretrainer
-    88 -> 79 ms, SeriesDenoiser 1247 -> 1159 ms). ``params``: tensors or parameter groups, as for AdamW."""
+    subset presets under bf16 autocast: 7-10 % off every family's training step (SSL pretrainer
+    88 -> 79 ms, CT series denoiser 1247 -> 1159 ms). ``params``: tensors or parameter groups, as for AdamW."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
@@ -468,85 +523,6 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, ema: bool = Tr
         weights = state["model"]
     model.load_state_dict(weights)
     return model
-
-
-# --------------------------------------------------------------------------- several processes
-
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    """Join the process group that torchrun or :func:`launch` describe in the environment.
-
-    Returns ``(rank, world_size)``; ``(0, 1)`` in a single process. Backend: nccl with CUDA, else gloo.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def launch(fn: Callable, nprocs: int, args: tuple = (), backend: str | None = None,
-           start_method: str | None = None) -> None:
-    """Run ``fn(*args)`` in ``nprocs`` processes joined in a process group (Kaggle's T4 x2 from a notebook).
-
-    ``fork`` (the default where it exists) also runs functions defined in a notebook; it needs a parent
-    that has not touched CUDA yet. Results travel through files: rank 0 writes them.
-    """
-    if not isinstance(nprocs, int) or nprocs < 1:
-        raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
-    import torch.multiprocessing as mp
-
-    start_method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    if start_method == "fork" and torch.cuda.is_initialized():
-        raise RuntimeError("launch: CUDA is already initialised in this process, so it cannot fork workers; "
-                           "restart the kernel and call launch() before anything touches the GPU")
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_launched, args=(fn, args, nprocs, port, backend), nprocs=nprocs, start_method=start_method)
-
-
-def _launched(rank: int, fn: Callable, args: tuple, world: int, port: int, backend: str | None) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    init_distributed(backend)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _agree(flags: list[bool], world: int, device: torch.device) -> list[bool]:
-    """True where any rank says True."""
-    if world == 1:
-        return flags
-    t = torch.tensor(flags, dtype=torch.float32, device=_comm_device(device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(x) for x in t.tolist()]
-
-
-def _gather(obj: Any, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out: list = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# --------------------------------------------------------------------------- helpers
-
-def _default_device(config: Mapping[str, Any], world: int) -> torch.device:
-    device = pick_device(config.get("device"))
-    if world > 1 and device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 def _resume_from(resume: Any, ckpt_dir: Path, resolved: dict, world: int, main: bool) -> dict | None:
@@ -604,33 +580,6 @@ def _last_good(last_saved: tuple | None, ckpt_dir: Path) -> str:
 def _validate_now(epoch: int, s: TrainSettings, val_loader: Any) -> bool:
     return val_loader is not None and (epoch % s.val_every == 0 or epoch == s.epochs)
 
-
-def _improved(metrics: dict, progress: Progress, s: TrainSettings, has_val: bool) -> bool:
-    name = s.best_metric
-    if name is None or (name.startswith("val_") and not has_val):
-        return False
-    if name not in metrics:
-        if not any(k.startswith("val_") for k in metrics) and name.startswith("val_"):
-            return False  # no validation this epoch
-        raise ValueError(f"best_metric {name!r} is not an epoch metric; available: "
-                         f"{', '.join(k for k in metrics if k not in ('epoch', 'step', 'time_s'))}")
-    value = metrics[name]
-    if value is None or not math.isfinite(value):
-        return False
-    better = progress.best is None or (value < progress.best if s.best_mode == "min" else value > progress.best)
-    if better:
-        progress.best, progress.best_epoch = value, progress.epoch
-    return better
-
-
-def _means(meters: dict, which: str) -> dict:
-    meter = meters[which]
-    n = meter.get("n", 0)
-    out = {k: (v / n if n else math.nan) for k, v in meter.items() if k != "n"} or {"loss": math.nan}
-    meters[which] = {}
-    return out
-
-
 def _unpack(out: Any, what: str) -> tuple[torch.Tensor, dict]:
     loss, values = (out, {}) if torch.is_tensor(out) else (out if isinstance(out, tuple) and len(out) == 2 else (None, None))
     if not torch.is_tensor(loss) or loss.numel() != 1 or not isinstance(values, Mapping):
@@ -677,68 +626,5 @@ def _loader_generators(loader: Any) -> list[torch.Generator]:
     return list(unique.values())
 
 
-def _nbytes(*objs: Any) -> int:
-    total = sum(t.numel() * t.element_size() for o in objs if isinstance(o, torch.nn.Module) for t in o.state_dict().values())
-    return 3 * total  # optimizer state: Adam keeps two more copies
-
-
-class _CsvLog:
-    """A CSV that grows a row at a time (a killed run keeps what it logged). The file is rewritten,
-    atomically, only when columns appear or on resume, where rows past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, enabled: bool, keep: Callable[[dict], bool], resume: bool):
-        self.path, self.enabled = path, enabled
-        self.rows = [r for r in _read_csv(path) if keep(r)] if resume and enabled else []
-        self.columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        if enabled and self.rows:
-            write_csv(path, self.rows)
-        elif enabled:
-            path.unlink(missing_ok=True)
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if not self.enabled:
-            return
-        if not self.path.exists() or any(k not in self.columns for k in row):
-            self.columns = list(dict.fromkeys([*self.columns, *row]))
-            write_csv(self.path, self.rows)
-        else:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.columns).writerow(row)
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for r in rows:
-        try:
-            out.append({k: None if v in ("", None) else _number(v) for k, v in r.items()})
-        except ValueError:  # a line cut short by a kill
-            continue
-    return out
-
-
-def _number(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _plot_losses(path: Path, steps: list[dict], epochs: list[dict]) -> None:
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display in notebooks
-
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in steps], [r.get("loss") for r in steps], lw=1, label="train loss")
-    val = [r for r in epochs if r.get("val_loss") is not None]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(path, fig)
+def _nbytes(module: torch.nn.Module) -> int:
+    return 3 * sum(t.numel() * t.element_size() for t in module.state_dict().values())  # Adam: two more copies

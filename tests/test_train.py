@@ -190,6 +190,31 @@ def test_outputs_validation_schedule_best_and_periodic_checkpoints(tmp_path):
     _assert_equal(_weights(fresh), _weights(model))
 
 
+def test_frozen_submodules_stay_in_eval_mode_while_the_rest_trains(tmp_path):
+    # A linear probe: the encoder (with dropout) is frozen, only the head learns. net.train() would turn
+    # the encoder's dropout back on, in every training step and after validation.
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(tw.DIM, 16), torch.nn.Dropout(0.5), torch.nn.Tanh())
+    head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))  # its dropout has no parameters
+    model = torch.nn.Sequential(encoder.requires_grad_(False), head)
+    _, loader, val_loader, _ = tw.build(seed=11)
+    modes = []
+
+    def step(model, batch):
+        modes.append((model.training, encoder.training, encoder[1].training, head.training, head[0].training))
+        return tw.step(model, batch)
+
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.05)
+    cfg = {**CFG, "epochs": 2, "ema_decay": None}
+    train.fit(model, step, loader, optimizer, out_dir=tmp_path, config=cfg, val_loader=val_loader)
+    n, v = len(loader), len(val_loader)  # per epoch: n training steps, then v validation steps
+    assert len(modes) == 2 * (n + v)
+    assert set(modes[:n] + modes[n + v: 2 * n + v]) == {(True, False, False, True, True)}
+    assert set(modes[n: n + v] + modes[2 * n + v:]) == {(False,) * 5}
+    assert (model.training, encoder[1].training, head.training, head[0].training) == (True, False, True, True)
+    assert train.train_mode(torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Linear(2, 2))).training
+
+
 # --------------------------------------------------------------------------- exact resume
 
 @pytest.mark.slow

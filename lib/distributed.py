@@ -1,0 +1,127 @@
+"""Several processes for :func:`lib.train.fit`: joining a process group, and the few collectives the loop needs.
+
+Start the processes with torchrun (each calls :func:`init_distributed`) or, from a notebook, with
+:func:`launch`. ``fit`` then wraps the model in DDP, and its ranks agree on skips and stops
+(:func:`agree`) and gather their RNG states for the checkpoint (:func:`gather`). Every helper is a
+no-op, or the identity, in a single process. ``lib.train`` re-exports ``init_distributed`` and ``launch``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group that torchrun or :func:`launch` describe in the environment.
+
+    Returns ``(rank, world_size)``; ``(0, 1)`` in a single process. Backend: nccl with CUDA, else gloo.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def launch(fn: Callable, nprocs: int, args: tuple = (), backend: str | None = None,
+           start_method: str | None = None) -> None:
+    """Run ``fn(*args)`` in ``nprocs`` processes joined in a process group (Kaggle's T4 x2 from a notebook).
+
+    ``fork`` (the default where it exists) also runs functions defined in a notebook; it needs a parent
+    that has not touched CUDA yet. Results travel through files: rank 0 writes them.
+    """
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
+    import torch.multiprocessing as mp
+
+    start_method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    if start_method == "fork" and torch.cuda.is_initialized():
+        raise RuntimeError("launch: CUDA is already initialised in this process, so it cannot fork workers; "
+                           "restart the kernel and call launch() before anything touches the GPU")
+    mp.start_processes(_launched, args=(fn, args, nprocs, _free_port(), backend), nprocs=nprocs,
+                       start_method=start_method)
+
+
+def _free_port() -> int:
+    """A free port on the loopback interface for the rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launched(rank: int, fn: Callable, args: tuple, world: int, port: int, backend: str | None) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed(backend)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the joined process group; ``(0, 1)`` without one."""
+    return (dist.get_rank(), dist.get_world_size()) if is_initialized() else (0, 1)
+
+
+def rank_device(device: torch.device, world: int) -> torch.device:
+    """With several processes on CUDA, this process's GPU (``LOCAL_RANK``); ``device`` otherwise."""
+    if world > 1 and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> DDP:
+    """``model`` in DDP with its defaults (on ``device``'s GPU with CUDA)."""
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def comm_device(device: torch.device) -> torch.device:
+    """Where tensors for a collective live: the GPU with nccl, the CPU with gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agree(flags: list[bool], world: int, device: torch.device) -> list[bool]:
+    """True where any rank says True."""
+    if world == 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.float32, device=comm_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def gather(obj: Any, world: int) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` summed over all ranks (``t`` itself without a process group)."""
+    if not is_initialized():
+        return t
+    t = t.to(comm_device(device))
+    dist.all_reduce(t)
+    return t
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
