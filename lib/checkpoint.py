@@ -235,6 +235,68 @@ def set_rng(state: dict, generators: Iterable[torch.Generator] = ()) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+# --------------------------------------------------------------------------- resuming and loading lib.train checkpoints
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, ema: bool = True) -> torch.nn.Module:
+    """Load a lib.train checkpoint's weights into ``model`` (its EMA weights if it has them and ``ema``)."""
+    state = load_train_checkpoint(path)
+    if ema and state["ema"] is not None:
+        weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    else:
+        weights = state["model"]
+    model.load_state_dict(weights)
+    return model
+
+
+def resume_state(resume: Any, ckpt_dir: Path, resolved: dict, world: int, main: bool,
+                 may_differ: Iterable[str] = ()) -> dict | None:
+    """The checkpoint state that ``fit(resume=...)`` continues from (None: start afresh), checked against this
+    run's configuration (but ``may_differ``) and process count; a damaged checkpoint names the previous good one."""
+    if resume is False or resume is None:
+        return None
+    path = ckpt_dir / "last.pt" if resume is True else Path(resume)
+    if resume is True and not path.exists():
+        if not any(ckpt_dir.glob("*.pt")):
+            if main:
+                print(f"resume: no checkpoint under {ckpt_dir}; starting from scratch")
+            return None
+    try:
+        state = load_train_checkpoint(path)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{e}. {_offer(ckpt_dir, path)}", _fallback(ckpt_dir, path)) from None
+    except FileNotFoundError:
+        if resume is True:
+            raise CorruptCheckpointError(f"{path} is missing. {_offer(ckpt_dir, path)}", _fallback(ckpt_dir, path)) from None
+        raise
+    diff = config_diff(state["config"], resolved, ignore=may_differ)
+    if diff:
+        raise ConfigMismatchError(f"{path}: refusing to resume: this run's configuration differs from the "
+                                  f"checkpoint's in {len(diff)} key(s):\n  " + "\n  ".join(diff) +
+                                  "\nResume with the original values, or start a new run in a new out_dir.")
+    if state["world_size"] != world:
+        raise ConfigMismatchError(f"{path}: refusing to resume: written by {state['world_size']} process(es), this "
+                                  f"run has {world}; the batches per step and RNG streams would differ")
+    if main:
+        p = state["progress"]
+        print(f"resume: {path} (epoch {p['epoch']}, step {p['step']}, {p['batch']} batches into the next epoch)")
+    return state
+
+
+def _fallback(ckpt_dir: Path, bad: Path) -> Path | None:
+    found = newest_loadable(ckpt_dir, exclude=[bad])
+    return found[0] if found else None
+
+
+def _offer(ckpt_dir: Path, bad: Path) -> str:
+    found = newest_loadable(ckpt_dir, exclude=[bad])
+    if found is None:
+        return f"No other checkpoint under {ckpt_dir} loads: start again with resume=False in a new out_dir"
+    path, p = found
+    return (f"The previous good checkpoint is {path} (epoch {p['epoch']}, step {p['step']}): continue from it "
+            f"with resume={str(path)!r}")
+
+
 # --------------------------------------------------------------------------- the 03_pretrain encoder
 # ``<run>/encoder.pt``: {"format": ENCODER_FORMAT, "config": WaveFormer3D's constructor arguments,
 # "state_dict": its weights, "meta": free-form (notebook, run id, preset, epoch, ...)}.

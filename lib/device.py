@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any, Mapping
 
 import torch
 
@@ -81,3 +82,16 @@ def describe(device: torch.device) -> dict:
     else:
         info["cpu_threads"] = torch.get_num_threads()
     return info
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (a tensor, or a dict, list, tuple or named tuple of them) with every tensor moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj

@@ -12,33 +12,28 @@ configuration, and never names a model or opens a data file::
     result = fit(model, step, train_loader, optimizer, out_dir=run.dir, config=run.config,
                  val_loader=val_loader, resume=True)
 
-One optimizer step: ``grad_accum`` micro-batches under autocast (bf16 on CPU and Ampere+, fp16 with a
-gradient scaler on older GPUs such as the T4; :mod:`lib.device` decides), gradient clipping, a
-skip of any update whose loss or gradient is not finite, the optimizer and scheduler step (linear
-warm-up then cosine by default), the EMA update. The model trains in :func:`train_mode`: a submodule
+One optimizer step: ``grad_accum`` micro-batches under autocast (:mod:`lib.device`: bf16 on CPU and
+Ampere+, fp16 with loss scaling on a T4), clipping, a skip of any non-finite update, the optimizer,
+the scheduler (warm-up then cosine by default), the EMA. The model trains in :func:`train_mode`: a submodule
 whose parameters are all frozen (a probed encoder) stays in eval mode. The run folder ``out_dir``
 receives steps.csv, epochs.csv and loss_curve.png (:mod:`lib.train_log`) and ``checkpoints/``:
 last.pt (every epoch and on a time-budget stop), best.pt (by best_metric), epoch_NNNN.pt (every
 ckpt_every epochs); see :mod:`lib.checkpoint`.
 
 Resume (``resume=True`` or a checkpoint path) restores weights, optimizer, scheduler, scaler, EMA,
-progress and every RNG (python, numpy, torch, CUDA and the loader's generator), and continues
-exactly: in the middle of an epoch it recreates the loader's iterator from the RNG states of the
-epoch's start and replays (loads, does not train on) the batches already seen, so the order and
-the random augmentations match an uninterrupted run. Not exact with ``persistent_workers=True``
-(the workers' RNG lives in the worker processes). A resume with another configuration (any key
+progress and every RNG, and continues exactly: mid-epoch it recreates the loader's iterator from the
+epoch's starting RNG states and replays (loads, does not train on) the batches already seen (not
+exact with ``persistent_workers=True``). A resume with another configuration (any key
 but those in RESUME_MAY_DIFFER) or another number of processes is refused, naming what differs.
 
-``time_budget_s``: before each optimizer step the loop checks that the step, a validation due at
-the epoch's end and a checkpoint still fit before the deadline (from measured durations); if not, it
-writes last.pt and returns with ``status="time_budget"``. Non-finite loss or gradient norm: the
-update is skipped (the scheduler still ticks) and counted; ``max_nonfinite`` in a row raise
-:class:`NonFiniteError`; a model or EMA holding NaN/Inf is never checkpointed (same error).
+``time_budget_s``: before each step the loop checks that the step, a validation due at the epoch's end
+and a checkpoint still fit before the deadline (measured); if not, it writes last.pt and returns with
+``status="time_budget"``. A non-finite loss or gradient norm skips the update (the scheduler still ticks);
+``max_nonfinite`` in a row raise :class:`NonFiniteError`; a model or EMA with NaN/Inf is never checkpointed.
 
-Several processes (:mod:`lib.distributed`: torchrun and :func:`init_distributed`, or :func:`launch`):
-``fit`` wraps the model in DDP (pass a model you wrapped yourself to choose DDP's options), all ranks
-agree on skips and stops, and only rank 0 writes files and shows a progress bar. Give each rank its
-shard with a ``DistributedSampler``.
+Several processes (:mod:`lib.distributed`: torchrun + :func:`init_distributed`, or :func:`launch`): ``fit``
+wraps the model in DDP (or takes one you wrapped), ranks agree on skips and stops, only rank 0 writes
+and shows a progress bar; give each rank its shard with a ``DistributedSampler``.
 """
 
 from __future__ import annotations
@@ -48,9 +43,9 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -58,104 +53,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lib import checkpoint as ckpt
 from lib import distributed
-from lib.checkpoint import CheckpointError, ConfigMismatchError, CorruptCheckpointError, UnsafeCheckpointError  # noqa: F401
-from lib.device import autocast, needs_grad_scaler, pick_device
+from lib.checkpoint import (CheckpointError, ConfigMismatchError, CorruptCheckpointError,  # noqa: F401  (re-exported)
+                            UnsafeCheckpointError, load_weights)
+from lib.device import autocast, needs_grad_scaler, pick_device, to_device
 from lib.distributed import init_distributed, launch  # noqa: F401  (lib.train's interface since before the split)
 from lib.train_log import Progress, RunLog
+from lib.train_settings import TrainSettings, adamw, warmup_cosine  # noqa: F401  (lib.train's interface)
 
-# Configuration keys that may change between an interrupted run and its resume.
-RESUME_MAY_DIFFER = ("resume", "time_budget_s", "device", "log_every")
+RESUME_MAY_DIFFER = ("resume", "time_budget_s", "device", "log_every")  # may change between a run and its resume
 _RESERVED = {"epoch", "step", "lr", "loss", "skipped", "time_s"}
 _clock = time.monotonic  # the loop's only clock (tests swap it to make time budgets deterministic)
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row, or a non-finite model that must not be checkpointed."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How :func:`fit` trains; :meth:`from_config` fills it from same-named configuration keys.
-
-    epochs         passes over the training loader
-    grad_accum     micro-batches per optimizer step; the loss is averaged over them
-    clip_grad_norm clip the global gradient L2 norm to this; None = no clipping
-    warmup_steps   optimizer steps of linear warm-up before the cosine decay of the built-in schedule
-    warmup_epochs  the same in epochs (fractions allowed); at most one of the two is non-zero
-    min_lr         floor of the cosine decay (an absolute learning rate)
-    ema_decay      keep an exponential moving average of the weights; None = off. Validation and
-                   best.pt then judge the EMA weights, the ones worth deploying.
-    val_every      validate every N epochs, and after the last
-    ckpt_every     also keep checkpoints/epoch_NNNN.pt every N epochs; 0 = only last.pt and best.pt
-    best_metric    epoch metric that selects best.pt ("val_loss", "val_dice", "loss", ...); None = off
-    best_mode      "min" or "max"
-    time_budget_s  stop cleanly, checkpoint written, before this many seconds after fit() starts
-    max_nonfinite  stop after this many skipped (non-finite) optimizer steps in a row
-    amp            autocast in lib.device's dtype
-    log_every      a steps.csv row every N optimizer steps (means over those N)
-    """
-
-    epochs: int = 1
-    grad_accum: int = 1
-    clip_grad_norm: float | None = None
-    warmup_steps: int = 0
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
-    ema_decay: float | None = None
-    val_every: int = 1
-    ckpt_every: int = 0
-    best_metric: str | None = "val_loss"
-    best_mode: str = "min"
-    time_budget_s: float | None = None
-    max_nonfinite: int = 20
-    amp: bool = True
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        checks = [
-            ("epochs", is_int(self.epochs) and self.epochs >= 1, "an int >= 1"),
-            ("grad_accum", is_int(self.grad_accum) and self.grad_accum >= 1, "an int >= 1"),
-            ("clip_grad_norm", self.clip_grad_norm is None or (is_num(self.clip_grad_norm) and self.clip_grad_norm > 0),
-             "None or a number > 0"),
-            ("warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 0, "an int >= 0"),
-            ("warmup_epochs", is_num(self.warmup_epochs) and self.warmup_epochs >= 0, "a number >= 0"),
-            ("min_lr", is_num(self.min_lr) and self.min_lr >= 0, "a number >= 0"),
-            ("ema_decay", self.ema_decay is None or (is_num(self.ema_decay) and 0 < self.ema_decay < 1),
-             "None or a number in (0, 1)"),
-            ("val_every", is_int(self.val_every) and self.val_every >= 1, "an int >= 1"),
-            ("ckpt_every", is_int(self.ckpt_every) and self.ckpt_every >= 0, "an int >= 0 (0 = off)"),
-            ("best_metric", self.best_metric is None or (isinstance(self.best_metric, str) and self.best_metric),
-             "None or a metric name such as 'val_loss'"),
-            ("best_mode", self.best_mode in ("min", "max"), "'min' or 'max'"),
-            ("time_budget_s", self.time_budget_s is None or (is_num(self.time_budget_s) and self.time_budget_s > 0),
-             "None or a number of seconds > 0"),
-            ("max_nonfinite", is_int(self.max_nonfinite) and self.max_nonfinite >= 1, "an int >= 1"),
-            ("amp", isinstance(self.amp, bool), "True or False"),
-            ("log_every", is_int(self.log_every) and self.log_every >= 1, "an int >= 1"),
-        ]
-        for name, ok, what in checks:
-            if not ok:
-                raise ValueError(f"training setting {name!r} must be {what}, got {getattr(self, name)!r}")
-        if self.warmup_steps and self.warmup_epochs:
-            raise ValueError(f"training settings 'warmup_steps' ({self.warmup_steps}) and 'warmup_epochs' "
-                             f"({self.warmup_epochs}) are both set; set one of them")
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> "TrainSettings":
-        """Settings from the same-named keys of ``config``; other keys are not the loop's concern."""
-        if not isinstance(config, Mapping):
-            raise ValueError(f"config must be the resolved configuration (a dict), got {type(config).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; valid: {', '.join(names)}")
-        return cls(**{**{k: config[k] for k in names if k in config}, **overrides})
 
 
 @dataclass
@@ -275,7 +186,7 @@ class _Run:
 def _restore(run: _Run, resume: Any) -> bool:
     """Weights, optimizer, scheduler, scaler, EMA, progress and RNGs from the checkpoint to resume from;
     False for a fresh start, which is refused over another run's checkpoints."""
-    state = _resume_from(resume, run.ckpt_dir, run.resolved, run.world, run.main)
+    state = ckpt.resume_state(resume, run.ckpt_dir, run.resolved, run.world, run.main, RESUME_MAY_DIFFER)
     if state is None:
         if any(run.ckpt_dir.glob("*.pt")):
             raise CheckpointError(f"{run.ckpt_dir} already holds checkpoints of another run: pass resume=True to "
@@ -354,7 +265,7 @@ def _accumulate(run: _Run, batches: Iterator, size: int) -> tuple[dict, float]:
     unscaled and clipped; returns the mean loss and metrics, and the gradient norm before clipping."""
     sums: dict[str, torch.Tensor] = {}
     for j in range(size):
-        batch = _to_device(next(batches), run.device)
+        batch = to_device(next(batches), run.device)
         # DDP all-reduces gradients in backward; between accumulated micro-batches that is wasted.
         with run.net.no_sync() if run.world > 1 and j < size - 1 else nullcontext():
             with autocast(run.device, run.s.amp):
@@ -479,7 +390,7 @@ def evaluate(model: torch.nn.Module, step: Callable, loader: Any, *, device: tor
     sums: dict[str, torch.Tensor] = {}
     for batch in loader:
         with autocast(device, amp):
-            loss, values = _unpack(step(model, _to_device(batch, device)), "val_step")
+            loss, values = _unpack(step(model, to_device(batch, device)), "val_step")
         for name, v in {"loss": loss, **values}.items():
             v = (v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))).to(device)
             sums[name] = sums[name] + v if name in sums else v
@@ -489,85 +400,6 @@ def evaluate(model: torch.nn.Module, step: Callable, loader: Any, *, device: tor
     totals = torch.stack([*sums.values(), torch.tensor(float(n), device=device)])
     totals = distributed.sum_over_ranks(totals, device).tolist()
     return {name: totals[i] / totals[-1] for i, name in enumerate(sums)}
-
-
-def adamw(params: Iterable, lr: float = 1e-3, weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` with torch's fused kernel (all parameters in one kernel instead of a Python
-    loop over them), the default otherwise (a device or dtype torch has no fused kernel for).
-
-    The update rule is the same, up to float rounding (tests/test_train.py). Measured on this CPU at the
-    subset presets under bf16 autocast: 7-10 % off every family's training step (SSL pretrainer
-    88 -> 79 ms, CT series denoiser 1247 -> 1159 ms). ``params``: tensors or parameter groups, as for AdamW."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # torch refuses fused=True for parameters it has no fused kernel for
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, settings: TrainSettings, steps_per_epoch: int) -> Any:
-    """Linear warm-up, then cosine decay to ``min_lr`` over all ``epochs``, one tick per optimizer step."""
-    from monai.optimizers import WarmupCosineSchedule  # importing monai costs seconds: only when needed
-
-    warmup = settings.warmup_steps or round(settings.warmup_epochs * steps_per_epoch)
-    return WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=settings.epochs * steps_per_epoch,
-                                end_lr=settings.min_lr)
-
-
-def load_weights(model: torch.nn.Module, path: str | os.PathLike, ema: bool = True) -> torch.nn.Module:
-    """Load a lib.train checkpoint's weights into ``model`` (its EMA weights if it has them and ``ema``)."""
-    state = ckpt.load_train_checkpoint(path)
-    if ema and state["ema"] is not None:
-        weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    else:
-        weights = state["model"]
-    model.load_state_dict(weights)
-    return model
-
-
-def _resume_from(resume: Any, ckpt_dir: Path, resolved: dict, world: int, main: bool) -> dict | None:
-    if resume is False or resume is None:
-        return None
-    path = ckpt_dir / "last.pt" if resume is True else Path(resume)
-    if resume is True and not path.exists():
-        if not any(ckpt_dir.glob("*.pt")):
-            if main:
-                print(f"resume: no checkpoint under {ckpt_dir}; starting from scratch")
-            return None
-    try:
-        state = ckpt.load_train_checkpoint(path)
-    except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(f"{e}. {_offer(ckpt_dir, path)}", _fallback(ckpt_dir, path)) from None
-    except FileNotFoundError:
-        if resume is True:
-            raise CorruptCheckpointError(f"{path} is missing. {_offer(ckpt_dir, path)}", _fallback(ckpt_dir, path)) from None
-        raise
-    diff = ckpt.config_diff(state["config"], resolved, ignore=RESUME_MAY_DIFFER)
-    if diff:
-        raise ConfigMismatchError(f"{path}: refusing to resume: this run's configuration differs from the "
-                                  f"checkpoint's in {len(diff)} key(s):\n  " + "\n  ".join(diff) +
-                                  "\nResume with the original values, or start a new run in a new out_dir.")
-    if state["world_size"] != world:
-        raise ConfigMismatchError(f"{path}: refusing to resume: written by {state['world_size']} process(es), this "
-                                  f"run has {world}; the batches per step and RNG streams would differ")
-    if main:
-        p = state["progress"]
-        print(f"resume: {path} (epoch {p['epoch']}, step {p['step']}, {p['batch']} batches into the next epoch)")
-    return state
-
-
-def _fallback(ckpt_dir: Path, bad: Path) -> Path | None:
-    found = ckpt.newest_loadable(ckpt_dir, exclude=[bad])
-    return found[0] if found else None
-
-
-def _offer(ckpt_dir: Path, bad: Path) -> str:
-    found = ckpt.newest_loadable(ckpt_dir, exclude=[bad])
-    if found is None:
-        return f"No other checkpoint under {ckpt_dir} loads: start again with resume=False in a new out_dir"
-    path, p = found
-    return (f"The previous good checkpoint is {path} (epoch {p['epoch']}, step {p['step']}): continue from it "
-            f"with resume={str(path)!r}")
 
 
 def _last_good(last_saved: tuple | None, ckpt_dir: Path) -> str:
@@ -590,18 +422,6 @@ def _unpack(out: Any, what: str) -> tuple[torch.Tensor, dict]:
         raise ValueError(f"the {what} function returned metric name(s) {sorted(map(str, clash))}, which the loop "
                          f"uses itself ({', '.join(sorted(_RESERVED))}, val_*); rename them")
     return loss.reshape(()), dict(values)
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if torch.is_tensor(obj):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_to_device(v, device) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 def _length(loader: Any, name: str) -> int:
