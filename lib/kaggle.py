@@ -74,6 +74,7 @@ class Bundle:
     internet: bool = True
     datasets: list[str] = field(default_factory=list)
     competition: str | None = None
+    kernels: list[str] = field(default_factory=list)  # kernels whose output is attached (kernel_sources)
     title: str | None = None
     wheels_from: Path | None = None
 
@@ -88,6 +89,9 @@ class Bundle:
             if not _DATASET.match(d):
                 raise ValueError(f"--dataset {d!r} is not a Kaggle dataset slug (owner/slug, slug of 3-50 lower-case "
                                  "letters, digits and dashes)")
+        for k in self.kernels:
+            if not _DATASET.match(k):
+                raise ValueError(f"--kernel {k!r} is not a Kaggle kernel slug (owner/slug)")
         if self.competition is not None and not _COMPETITION.match(self.competition):
             raise ValueError(f"--competition {self.competition!r} is not a Kaggle competition slug")
         self.title = self.title or f"medimg {self.notebook.stem.replace('_', ' ')} {self.preset}"
@@ -115,7 +119,7 @@ class Bundle:
             "enable_internet": self.internet, "machine_shape": "NvidiaTeslaT4" if self.gpu == "t4x2" else None,
             "dataset_sources": [self.code_dataset, *self.datasets],
             "competition_sources": [self.competition] if self.competition else [],
-            "kernel_sources": [], "model_sources": [], "keywords": [],
+            "kernel_sources": list(self.kernels), "model_sources": [], "keywords": [],
         }
 
 
@@ -291,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--internet", default="on", choices=("on", "off"))
             p.add_argument("--dataset", action="extend", nargs="+", default=[], help="owner/slug of datasets to attach")
             p.add_argument("--competition", default=None)
+            p.add_argument("--kernel", action="extend", nargs="+", default=[],
+                           help="owner/slug of kernels whose output to attach (e.g. 02_prepare_data's prepared datasets)")
             p.add_argument("--wheels", type=Path, default=None, help="folder of wheels to ship instead of downloading")
     args = parser.parse_args(argv)
     from lib.pipeline import _parse_value
@@ -300,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if not user:
             raise ValueError("no Kaggle user name: pass --user NAME (or set KAGGLE_USERNAME)")
         extra = dict(gpu=args.gpu, internet=args.internet == "on", datasets=args.dataset, competition=args.competition,
+                     kernels=args.kernel,
                      wheels_from=args.wheels) if args.command == "build" else {}
         bundle = Bundle(args.notebook, args.preset, user, {k: _parse_value(v) for k, v in args.p}, title=args.title, **extra)
         folder = paths.ROOT / "build" / "kaggle" / bundle.slug

@@ -105,10 +105,19 @@ def test_code_dataset_metadata_passes_kaggles_own_checks(bundle_dir, monkeypatch
     assert (request.owner_slug, request.slug, request.license_name) == ("tester", "medimg-lib-code", "apache-2.0")
 
 
+def test_a_kernels_output_is_attached_as_a_kernel_source():
+    b = kaggle.Bundle("03_pretrain", "prod", "tester", params={"real_data": "rsna2025_aneurysm"},
+                      competition="rsna-intracranial-aneurysm-detection", kernels=["tester/medimg-02-prepare-data-prod"])
+    meta = b.metadata()
+    assert meta["kernel_sources"] == ["tester/medimg-02-prepare-data-prod"]
+    assert meta["competition_sources"] == ["rsna-intracranial-aneurysm-detection"]
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"notebook": "99_nothing"}, "unknown notebook '99_nothing'; notebooks: 01_explore_data"),
     ({"title": "abc"}, "title of 5 to 50 characters"),
     ({"datasets": ["not a slug"]}, "--dataset 'not a slug' is not a Kaggle dataset slug"),
+    ({"kernels": ["no-owner"]}, "--kernel 'no-owner' is not a Kaggle kernel slug"),
     ({"preset": "bogus"}, "valid presets: smoke, demo, subset, prod"),
     ({"params": {"epcohs": 3}}, "unknown parameter(s) epcohs"),
     ({"user": ""}, "is not a Kaggle user name"),

@@ -246,3 +246,16 @@ def test_prepared_datasets_are_found_by_path_name_and_attachment(dataset, tmp_pa
     local.parent.mkdir(parents=True)
     attached.rename(local)
     assert locate.require_prepared(["openmind"]) == [local]
+
+
+def test_survey_of_a_prepared_dataset(dataset):
+    from lib.data import survey
+
+    tables = survey.prepared_tables(dataset, refused_rows=5)
+    assert tables["counts"]["total"].sum() == 18
+    geometry = tables["geometry"].reset_index()
+    assert len(geometry) == 1 and geometry.loc[0, "images"] == 18
+    assert [geometry.loc[0, f"median spacing {a} (mm)"] for a in "xyz"] == [2.0, 2.0, 3.0]
+    assert geometry.loc[0, "smallest shape"] == geometry.loc[0, "largest shape"] == "4 5 6"
+    assert tables["report"].loc["refused", "items"] == 2 and tables["report"].loc["converted", "items"] == 18
+    assert set(tables["refused"]["source"]) == {"raw/img03", "raw/img07"}

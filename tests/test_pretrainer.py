@@ -277,15 +277,17 @@ def test_load_encoder_refuses_other_files(tmp_path):
 
 # --------------------------------------------------------------------------- presets
 
-def test_prod_preset_stops_without_its_real_data(tmp_path):
-    from lib.data import datasets
-
+def test_prod_preset_stops_without_its_real_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDIMG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MEDIMG_KAGGLE_INPUT", str(tmp_path / "input"))
     cfg = config.resolve("03_pretrain", "prod")
     with pytest.raises(FileNotFoundError) as e:
-        datasets.require_real_data(cfg.real_data.split(","), data_root=tmp_path)
+        pretrain.find_data(cfg)
     message = str(e.value)
     for name in ("openmind", "rsna2025_aneurysm"):
-        assert name in message and f"python -m lib.data.manifest fetch {name}" in message
+        assert f"python -m lib.data.manifest fetch {name}" in message
+        assert f"python -m lib.data.convert {name} --src {tmp_path / 'data' / 'raw' / name}" in message
+    assert not (tmp_path / "data").exists()  # nothing was built or written
 
 
 @pytest.mark.parametrize("preset", config.PRESETS)

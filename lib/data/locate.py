@@ -1,7 +1,8 @@
 """Where raw downloads and prepared datasets are: ``--src``/a path, the data root, or Kaggle's input root.
 
 - raw ``NAME``: ``<data root>/raw/NAME``, else any folder under ``/kaggle/input`` (at most
-  ``MAX_DEPTH`` levels down: a competition's million files are never walked) holding the converter's
+  ``MAX_DEPTH`` levels down, skipping folders of more than ``WIDE`` entries: a competition's million files
+  are never listed) holding the converter's
   marker file (``train.csv`` and ``series/`` for RSNA, ``openneuro_metadata.csv`` for OpenMind, ...);
 - prepared ``NAME``: ``<data root>/prepared/NAME``, else an attached dataset holding ``NAME/dataset.json``
   (02_prepare_data's output attached to a GPU kernel), else a folder path given as is.
@@ -14,18 +15,29 @@ from pathlib import Path
 
 from lib import paths
 
-MAX_DEPTH = 4
+MAX_DEPTH = 6
+WIDE = 2000
 
 
 def _search(root: Path, relative: str, max_depth: int = MAX_DEPTH) -> list[Path]:
-    """Folders ``d`` under ``root`` (depth 0..max_depth) with ``d/relative`` present, shallowest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for depth in range(max_depth + 1):
-        pattern = "/".join(["*"] * depth + [relative]) if depth else relative
-        found += sorted(p.parents[len(Path(relative).parts) - 1] for p in root.glob(pattern))
-    return list(dict.fromkeys(found))
+    """Folders ``d`` under ``root`` (depth 0..max_depth) with ``d/relative`` present, shallowest first.
+
+    Breadth first, never descending into a folder of more than ``WIDE`` entries (a DICOM series, a folder of
+    images): a competition's million files are never listed.
+    """
+    found, level = [], [root] if root.is_dir() else []
+    for _ in range(max_depth + 1):
+        found += [d for d in level if (d / relative).exists()]
+        below = []
+        for d in level:
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            if len(entries) <= WIDE:
+                below += sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=True))
+        level = below
+    return found
 
 
 def raw_dir(name: str) -> Path:
@@ -41,7 +53,7 @@ def find_raw(name: str, marker: str | None) -> list[Path]:
     local = raw_dir(name)
     out = [local] if local.is_dir() and (marker is None or (local / marker).exists()) else []
     if marker:
-        out += _search(paths.kaggle_input_root(), marker)
+        out += [d for d in _search(paths.kaggle_input_root(), marker) if d not in out]
     return out
 
 
@@ -57,6 +69,15 @@ def find_prepared(spec: str) -> Path | None:
         return local
     attached = _search(paths.kaggle_input_root(), f"{spec}/dataset.json")
     return attached[0] / spec if attached else None
+
+
+def list_prepared() -> list[Path]:
+    """Every prepared dataset on this machine: the built-in cohorts and ``<data root>/prepared/*``, then any
+    attached under the Kaggle input root."""
+    root = paths.data_dir()
+    local = [d for d in [root / "smoke", root / "demo", *sorted((root / "prepared").glob("*"))] if (d / "dataset.json").is_file()]
+    attached = [d for d in _search(paths.kaggle_input_root(), "dataset.json") if d not in local]
+    return local + attached
 
 
 def _manifest_row(name: str) -> dict | None:

@@ -147,3 +147,30 @@ def intensity_samples(root: str | os.PathLike, files: pd.DataFrame, per_group: i
             values = rng.choice(values, max_values, replace=False)
         samples[f"{dataset} {modality}"] = values
     return samples
+
+
+# --------------------------------------------------------------------------- prepared datasets
+
+def prepared_tables(root: str | os.PathLike, refused_rows: int = 20) -> dict[str, pd.DataFrame]:
+    """A prepared dataset surveyed from its tables (no image is opened): ``counts`` (images per dataset,
+    modality and split), ``geometry`` (per dataset, modality and sequence: images, median spacing, smallest
+    and largest shape), ``report`` (items per status) and ``refused`` (the first ``refused_rows``, with reasons).
+    Opening checks the format (:func:`lib.data.prepared.open_dataset`)."""
+    from lib.data.prepared import open_dataset, parse_tuple
+
+    ds = open_dataset(root)
+    index = ds.index
+    geometry = pd.DataFrame()
+    if len(index):
+        spacing = np.array([parse_tuple(s) + (np.nan,) * (3 - len(parse_tuple(s))) for s in index["spacing_mm"]])
+        shape = np.array([parse_tuple(s)[:3] + (1.0,) * (3 - len(parse_tuple(s))) for s in index["shape"]])
+        frame = index[["dataset", "modality", "sequence"]].assign(
+            **{f"spacing_{a}": spacing[:, n] for n, a in enumerate("xyz")}, voxels=shape.prod(axis=1),
+            shape=index["shape"])
+        groups = frame.groupby(["dataset", "modality", "sequence"])
+        geometry = groups.agg(images=("voxels", "size"), **{f"median spacing {a} (mm)": (f"spacing_{a}", "median") for a in "xyz"})
+        geometry["smallest shape"] = groups.apply(lambda g: g.loc[g["voxels"].idxmin(), "shape"], include_groups=False)
+        geometry["largest shape"] = groups.apply(lambda g: g.loc[g["voxels"].idxmax(), "shape"], include_groups=False)
+    report = ds.report.groupby("status").size().rename("items").to_frame() if len(ds.report) else pd.DataFrame()
+    refused = ds.refused()[["source", "reason"]].head(refused_rows) if len(ds.report) else pd.DataFrame()
+    return {"counts": ds.counts(), "geometry": geometry.round(3), "report": report, "refused": refused}

@@ -30,7 +30,7 @@ from lib import metrics, train
 from lib.atomic import write_csv
 from lib.checkpoint import load_encoder, save_encoder
 from lib.config import args_for, resolve
-from lib.data import datasets, demo
+from lib.data import datasets, demo, locate, prepared
 from lib.data.cache import ArrayCache
 from lib.families import downstream, results
 from lib.losses.contrastive import SpatialInfoNCE
@@ -42,6 +42,7 @@ from lib.runs import loader_seeding
 FAMILY = "ssl_pretraining"
 EVAL_SEED = 20250  # masks of val_step: the same at every validation, so validation losses compare
 TASK, BASELINE = "masked-patch reconstruction", "predicting the mean patch"
+SPLITS = ("train", "val", "test")
 MEAN_PATCH_BATCH, TEST_BATCH = 8, 4  # held-out masks are drawn per test batch: the batch is part of the protocol
 
 
@@ -77,17 +78,26 @@ def preset_parameter_counts(presets: Sequence[str] = ("subset", "prod")) -> dict
 # --------------------------------------------------------------------------- data
 
 def find_data(cfg: Mapping[str, Any]) -> tuple[dict, pd.DataFrame]:
-    """``({(modality, split): files}, volumes per modality and split)``. With ``real_data`` set, stops first,
-    naming what is missing and how to fetch it; otherwise builds (or verifies) the built-in cohort."""
+    """``({(modality, split): files}, volumes per modality and split)``.
+
+    With ``real_data`` (comma-separated prepared dataset folders or names, :func:`lib.data.locate.require_prepared`)
+    stops first, naming whatever is missing and the commands that fetch and convert it; then takes every MRI
+    (1 channel, any contrast) and CT (3 windows) image of those datasets, split as they were prepared.
+    Otherwise builds (or verifies) the built-in cohort and takes its brain MRI and head CT. A modality
+    may be absent (OpenMind is MRI only); one that is present needs volumes in every split.
+    """
     if cfg["real_data"]:
-        root = datasets.require_real_data(cfg["real_data"].split(","))
+        sets = [prepared.open_dataset(root) for root in locate.require_prepared(cfg["real_data"])]
+        files = {(m, s): [f for d in sets for f in d.files(m, s)] for m in datasets.MODALITIES for s in SPLITS}
     else:
         root, _ = demo.ensure(cfg["cohort"], progress=False)
-    files = {(m, s): datasets.volume_files(root, m, s) for m in datasets.MODALITIES for s in ("train", "val", "test")}
+        files = {(m, s): datasets.volume_files(root, m, s) for m in datasets.MODALITIES for s in SPLITS}
     counts = pd.DataFrame([{"modality": m, "split": s, "volumes": len(f)} for (m, s), f in files.items()])
-    if not (counts["volumes"] > 0).all():
-        raise ValueError(f"every modality needs volumes in every split:\n{counts}")
-    return files, counts.pivot(index="modality", columns="split", values="volumes")
+    table = counts.pivot(index="modality", columns="split", values="volumes")[list(SPLITS)]
+    present = table[table.sum(axis=1) > 0]
+    if present.empty or not (present > 0).all().all():
+        raise ValueError(f"every modality present needs volumes in every split (train, val, test):\n{table}")
+    return {k: v for k, v in files.items() if k[0] in present.index}, table
 
 
 class Volumes:
@@ -100,6 +110,7 @@ class Volumes:
     def __init__(self, cfg: Mapping[str, Any], files: dict, cache: ArrayCache | None = None):
         self.cfg, self.files, self.cache = cfg, files, cache
         self.ct_batch = cfg["ct_batch_size"] or max(1, cfg["batch_size"] // 2)
+        self.modalities = [m for m in datasets.MODALITIES if files.get((m, "train"))]
 
     def dataset(self, modality: str, split: str, augment: bool = False) -> datasets.VolumeDataset:
         c = self.cfg
@@ -112,7 +123,7 @@ class Volumes:
         return datasets.AlternatingLoader({
             m: DataLoader(self.dataset(m, split, augment=train_mode), batch_size=sizes[m], shuffle=train_mode,
                           num_workers=self.cfg["num_workers"], **loader_seeding(self.cfg["seed"] + i))
-            for i, m in enumerate(datasets.MODALITIES)})
+            for i, m in enumerate(datasets.MODALITIES) if m in self.modalities})
 
     def loader(self, modality: str, split: str, batch_size: int) -> DataLoader:
         """Un-augmented, in file order."""
@@ -129,9 +140,10 @@ def loaders(data: Volumes) -> tuple[datasets.AlternatingLoader, datasets.Alterna
     model's size). Drawing it advances the seeded loaders and augmentations, as the run always has."""
     train_loader, val_loader = data.alternating("train", True), data.alternating("val", False)
     name, first = next(iter(train_loader))
-    size = data.cfg["img_size"]
-    if name != "MRI" or tuple(first.shape[1:]) != (1,) + (size,) * 3:
-        raise ValueError(f"first training batch: expected MRI [B, 1, {size}, {size}, {size}], "
+    size, expected = data.cfg["img_size"], data.modalities[0]
+    channels = 1 if expected == "MRI" else 3
+    if name != expected or tuple(first.shape[1:]) != (channels,) + (size,) * 3:
+        raise ValueError(f"first training batch: expected {expected} [B, {channels}, {size}, {size}, {size}], "
                          f"got {name} {tuple(first.shape)}")
     return train_loader, val_loader, first
 
@@ -246,7 +258,7 @@ def heldout_scores(model: WaveFormerSparKMiMPretrainer, data: Volumes, cfg: Mapp
                    device: torch.device) -> dict[str, dict[str, float]]:
     """:func:`heldout_reconstruction` per modality on the test split, the mean patch from the training split."""
     scores = {}
-    for m in datasets.MODALITIES:
+    for m in data.modalities:
         mean = mean_patch(data.loader(m, "train", MEAN_PATCH_BATCH), cfg["patch_size"])
         scores[m] = heldout_reconstruction(model, data.loader(m, "test", TEST_BATCH), mean,
                                            repeats=cfg["eval_repeats"], seed=cfg["seed"], device=device)
@@ -306,7 +318,7 @@ def reconstruction_examples(model: WaveFormerSparKMiMPretrainer, data: Volumes, 
                             device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`reconstruction_example` of the first test volume of each modality (masks seeded per modality)."""
     out = {}
-    for i, m in enumerate(datasets.MODALITIES):
+    for i, m in enumerate(data.modalities):
         x = data.dataset(m, "test")[0][None].to(device)
         out[m] = reconstruction_example(model, x, torch.Generator(device=device).manual_seed(seed + i))
     return out

@@ -8,6 +8,8 @@ NB_01 = _spec(
         "max_files": Param(400, int, "at most this many local image files have their headers read"),
         "n_preview": Param(8, int, "middle slices shown in the preview grid"),
         "hist_files": Param(3, int, "files per dataset and modality whose intensities are histogrammed"),
+        "prepared": Param("", str, "comma-separated prepared datasets to survey (folders or names); '' = every one on this machine"),
+        "refused_rows": Param(20, int, "refused items listed per prepared dataset (all are in report.csv)"),
     },
     smoke={"max_files": 100, "n_preview": 4, "hist_files": 1},
     demo={},
@@ -24,11 +26,17 @@ NB_02 = _spec(
         "spacing": Param(None, (float, type(None)), "isotropic spacing (mm) of prepared volumes; None keeps the grid"),
         "prep_size": Param(64, int, "prepared volumes are centre-cropped or padded to this size (voxels per axis)"),
         "throughput_files": Param(24, int, "volumes read to measure decoding .nii.gz against the cache"),
+        "convert": Param("", str, "real datasets to convert into <data root>/prepared/NAME: comma-separated names, "
+                         "'auto' (every one whose raw download is found: data root, /kaggle/input, src) or '' (none)"),
+        "src": Param("", str, "raw download folders, NAME=FOLDER[,NAME=FOLDER] (default: found under the data root or /kaggle/input)"),
+        "workers": Param(2, int, "conversion processes"),
+        "shard": Param("", str, "I/N: convert only this machine's share (1..N) of each dataset; '' = all"),
+        "convert_limit": Param(None, (int, type(None)), "convert at most this many items per dataset (a trial run); None = all"),
     },
     smoke={"cohort": "smoke", "prep_size": 48, "throughput_files": 4},
     demo={},
-    subset={"spacing": 1.5, "prep_size": 128},
-    prod={"spacing": 1.0, "prep_size": 160},
+    subset={"spacing": 1.5, "prep_size": 128, "convert": "auto", "workers": 4},
+    prod={"spacing": 1.0, "prep_size": 160, "convert": "auto", "workers": 4},
 )
 
 NOTEBOOKS = {"01_explore_data": NB_01, "02_prepare_data": NB_02}

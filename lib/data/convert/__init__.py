@@ -270,3 +270,41 @@ def defaults(module: ModuleType) -> dict:
     if hasattr(module, "add_arguments"):
         module.add_arguments(parser)
     return vars(parser.parse_args([]))
+
+
+def parse_sources(text: str) -> dict[str, str]:
+    """``"openmind=/data/OpenMind,deeplesion=/x"`` -> ``{name: folder}`` (02_prepare_data's ``src``)."""
+    out = {}
+    for part in [p.strip() for p in (text or "").split(",") if p.strip()]:
+        name, sep, folder = part.partition("=")
+        if not sep or name.strip() not in names():
+            raise ValueError(f"src: {part!r} must be NAME=FOLDER with NAME one of {', '.join(names())}")
+        out[name.strip()] = folder.strip()
+    return out
+
+
+def convert_all(spec: str, sources: str = "", *, workers: int = 1, shard: str | None = None, limit: int | None = None,
+                progress: bool = True) -> pd.DataFrame:
+    """Convert several raw datasets into ``<data root>/prepared/NAME``; one summary row per dataset.
+
+    ``spec``: comma-separated names, ``"auto"`` (every dataset whose raw download is found: the data root,
+    the Kaggle input root, or ``sources``) or ``""`` (none). A named dataset that is nowhere raises
+    ``FileNotFoundError`` with what to fetch; under ``"auto"`` it is listed as not found.
+    """
+    from lib.data import locate
+
+    src = parse_sources(sources)
+    wanted = names() if spec.strip() == "auto" else [n.strip() for n in spec.split(",") if n.strip()]
+    rows = []
+    for name in wanted:
+        module = get(name)
+        found = [Path(src[name])] if name in src else locate.find_raw(name, getattr(module, "MARKER", None))
+        if not found:
+            if spec.strip() != "auto":
+                raise FileNotFoundError(locate.how_to_get(name))
+            rows.append({"dataset": name, "status": "raw download not found"})
+            continue
+        summary = run(module, found[0], locate.prepared_dir(name), workers=workers, shard=shard, limit=limit,
+                      progress=progress)
+        rows.append({"status": "done", "src": str(found[0]), **{k: v for k, v in summary.items() if k != "tables"}})
+    return pd.DataFrame(rows)
