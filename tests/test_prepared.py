@@ -31,7 +31,7 @@ def items(src: Path, options: dict) -> list[Item]:
     return [Item(key=r.name, subject=r.subject, source=f"raw/{r.name}", payload=r.value) for r in table.itertuples()]
 
 
-def convert(item: Item, src: Path, out: Path, options: dict) -> Output:  # noqa: F811 (the protocol's name)
+def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     if item.payload == "refuse":
         raise Refused("told to refuse")
     value = float(item.payload)  # "bad" raises ValueError: refused with its reason by the engine
