@@ -81,8 +81,9 @@ def test_alternating_loader_interleaves_and_finishes_both():
     order = [name for name, _ in ds.AlternatingLoader({"MRI": mri, "CT": ct})]
     assert order == ["MRI", "CT", "MRI", "CT", "MRI", "MRI", "MRI"]
     assert len(ds.AlternatingLoader({"MRI": mri, "CT": ct})) == 7
-    with pytest.raises(ValueError, match="two named loaders"):
-        ds.AlternatingLoader({"MRI": mri})
+    assert [name for name, _ in ds.AlternatingLoader({"MRI": mri})] == ["MRI"] * 5  # one modality only
+    with pytest.raises(ValueError, match="at least one named loader"):
+        ds.AlternatingLoader({})
 
 
 def test_axial_frames_orientation():

@@ -196,15 +196,16 @@ class VolumeDataset(Dataset):
 
 
 class AlternatingLoader:
-    """Alternates batches of two loaders: ``("MRI", batch), ("CT", batch), ...``.
+    """Alternates batches of named loaders: ``("MRI", batch), ("CT", batch), ...``.
 
-    When one is exhausted the other finishes its epoch, so an epoch sees every sample of both. The
-    order is fixed (it starts with the first loader), so seeded loaders give a seeded sequence.
+    When one is exhausted the others finish their epoch, so an epoch sees every sample of each. The
+    order is fixed (it starts with the first loader), so seeded loaders give a seeded sequence. One
+    loader (a dataset of one modality, e.g. OpenMind alone) simply yields its batches, named.
     """
 
     def __init__(self, loaders: dict[str, DataLoader]):
-        if len(loaders) != 2:
-            raise ValueError(f"AlternatingLoader takes two named loaders, got {list(loaders)}")
+        if not loaders:
+            raise ValueError("AlternatingLoader needs at least one named loader")
         self.loaders = loaders
 
     def __len__(self) -> int:
