@@ -411,3 +411,18 @@ def test_heldout_rows_and_files(tmp_path):
     assert table["reduction"].tolist() == pytest.approx([0.6, 1 - 0.61234567 / 0.5])
     (row, _) = summary.run_rows("ssl_pretraining", tmp_path, "demo")
     assert row["value"] == 0.4 and row["higher_is_better"] is False and row["n"] == 7 and row["run_id"] == tmp_path.name
+
+
+def test_real_data_of_one_modality_trains_on_that_modality(tmp_path):
+    """OpenMind alone is MRI only: find_data keeps the MRI splits, the loaders yield MRI batches."""
+    from lib.data import convert, fixtures
+
+    fixtures.write("openmind", tmp_path / "raw")
+    convert.run("openmind", tmp_path / "raw", tmp_path / "openmind", progress=False)
+    cfg = config.resolve("03_pretrain", "smoke", real_data=str(tmp_path / "openmind"))
+    files, counts = pretrain.find_data(cfg)
+    assert {m for m, _ in files} == {"MRI"} and counts.loc["CT"].sum() == 0 and (counts.loc["MRI"] > 0).all()
+    data = pretrain.Volumes(cfg, files)
+    train_loader, _, first = pretrain.loaders(data)
+    assert data.modalities == ["MRI"] and first.shape[1] == 1
+    assert {name for name, _ in train_loader} == {"MRI"}
