@@ -1,4 +1,4 @@
-"""Datasets and loaders over a cohort folder (the built-in demo cohort, or real data laid out the same way).
+"""Datasets and loaders over a prepared dataset folder (the built-in demo cohort is one: files and facts come from its index).
 
 - :class:`VolumeDataset`: brain MRI (1 channel, intensity-normalised) or CT (3 windows from HU), with
   the research's augmentations (random flip, random 90° rotation, Gaussian noise 0.01, resize to the
@@ -18,6 +18,7 @@ superior→inferior (radiographs), and the patient's right is on the image's lef
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,77 +32,78 @@ from torch.utils.data import DataLoader, Dataset
 from lib.data import drr
 from lib.data.cache import ArrayCache
 from lib.data.io import load_volume
+from lib.data.prepared import PreparedDataset, open_dataset
 from lib.data.transforms import WINDOWS, crop_or_pad, ct_windows, resample_isotropic, window
 
 MODALITIES = ("MRI", "CT")
-MRI_FILES = ("t1.nii.gz", "t2.nii.gz", "mra.nii.gz")
 
 
-# --------------------------------------------------------------------------- the cohort's tables
+# --------------------------------------------------------------------------- the cohort, through the format
+
+FACT_COLUMNS = ("aneurysm", "aneurysm_radius_mm", "aneurysm_voxel", "emboli", "enhancement_hu")
+
+
+@functools.lru_cache(maxsize=16)
+def _open(root: str, stamp: int) -> PreparedDataset:
+    return open_dataset(root, check_files=False)
+
+
+def cohort(root: str | os.PathLike) -> PreparedDataset:
+    """The cohort folder as a :class:`~lib.data.prepared.PreparedDataset` (read once per version of its index)."""
+    index = Path(root) / "index.csv"
+    if not index.is_file():
+        raise FileNotFoundError(f"{root}: no prepared cohort here (no index.csv; build one: "
+                                "python -m lib.data.demo --size demo --ensure)")
+    return _open(str(Path(root)), index.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _files(root: str, stamp: int) -> dict[tuple[str, str, str], Path]:
+    ds = _open(root, stamp)
+    return {(d, s, q): ds.root / p for d, s, q, p in zip(ds.index["dataset"], ds.index["subject"], ds.index["sequence"],
+                                                         ds.index["path"])}
+
+
+def image_file(root: str | os.PathLike, dataset: str, subject: str, sequence: str) -> Path:
+    """The file of one image of the cohort (e.g. ``"chest_ct", "sub-000", "contrast"``), from its index."""
+    cohort(root)
+    files = _files(str(Path(root)), (Path(root) / "index.csv").stat().st_mtime_ns)
+    try:
+        return files[dataset, subject, sequence]
+    except KeyError:
+        raise KeyError(f"{root}: no {dataset} image {sequence!r} of {subject!r} in index.csv") from None
+
 
 def subjects(root: str | os.PathLike, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
-    """Rows of ``subjects.csv`` of a cohort, optionally one dataset and one split."""
-    path = Path(root) / "subjects.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no cohort here (build one: python -m lib.data.demo --size demo)")
-    df = pd.read_csv(path, dtype={"subject": str, "split": str}, keep_default_na=False)
-    if dataset is not None:
-        df = df[df["dataset"] == dataset]
-    if split is not None:
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {split!r}")
-        df = df[df["split"] == split]
-    return df.reset_index(drop=True)
+    """One row per subject of the cohort (optionally one dataset and one split), in index order: ``dataset,
+    subject, split`` and the subject's facts from ``labels.csv`` (aneurysm, its voxel, emboli, ...)."""
+    ds = cohort(root)
+    images = ds.images(split=split, dataset=dataset)
+    table = images.drop_duplicates(["dataset", "subject"])[["dataset", "subject", "split"]]
+    facts = ds.label_table()
+    if len(facts):
+        facts = facts[["dataset", "subject", *[c for c in FACT_COLUMNS if c in facts.columns]]]
+        table = table.merge(facts.drop_duplicates(["dataset", "subject"]), on=["dataset", "subject"], how="left")
+    return table.fillna("").reset_index(drop=True)
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    """Columns whose every value is a number as numbers (the format's tables are read as strings), as
+    pandas would have read the CSV itself."""
+    out = table.copy()
+    for c in out.columns:
+        try:
+            out[c] = pd.to_numeric(out[c])
+        except (ValueError, TypeError):
+            pass
+    return out
 
 
 def volume_files(root: str | os.PathLike, modality: str, split: str | None = None) -> list[Path]:
-    """Volumes of one modality: MRI = every contrast of ``brain_mri``, CT = ``head_ct``."""
-    root = Path(root)
-    if modality == "MRI":
-        subs = subjects(root, "brain_mri", split)["subject"]
-        return [root / "brain_mri" / s / f for s in subs for f in MRI_FILES]
-    if modality == "CT":
-        return [root / "head_ct" / s / "ct.nii.gz" for s in subjects(root, "head_ct", split)["subject"]]
-    raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-
-
-PREPARED_REAL = Path("processed") / "pretrain"  # real data in the cohort layout, under the data root
-
-
-def require_real_data(names: Sequence[str], data_root: str | os.PathLike | None = None) -> Path:
-    """The cohort folder to train on when real datasets of ``data_manifest.csv`` are asked for.
-
-    Raises ``FileNotFoundError`` before anything else happens, naming every dataset that is not under the
-    data root, where it is expected and how to get it (``python -m lib.data.manifest fetch NAME`` and the
-    manifest's own instructions); then, if the data are there, requires their prepared form: the cohort
-    layout of :mod:`lib.data.demo` (``subjects.csv``, ``brain_mri/``, ``head_ct/``) under
-    ``<data root>/processed/pretrain``. Unknown names raise ``ValueError`` listing the known ones.
-    """
-    from lib import paths
-    from lib.data import manifest
-
-    root = Path(data_root or paths.data_dir())
-    names = [n.strip() for n in names if n.strip()]
-    listed = manifest.load_manifest()
-    table = manifest.summarize(listed, root).set_index("dataset")
-    unknown = [n for n in names if n not in table.index]
-    if unknown:
-        raise ValueError(f"unknown dataset(s) {', '.join(unknown)}; datasets of data_manifest.csv: {', '.join(table.index)}")
-    rows = listed.drop_duplicates("dataset").set_index("dataset")
-    missing = [n for n in names if int(table.loc[n, "present_files"]) == 0]
-    if missing:
-        lines = [f"- {n}: nothing under {root / rows.loc[n, 'path']} ({rows.loc[n, 'source']}). Get it with: "
-                 f"python -m lib.data.manifest fetch {n}   ({rows.loc[n, 'fetch']}; licence: {rows.loc[n, 'licence']})"
-                 for n in missing]
-        raise FileNotFoundError(f"real data missing on this machine ({len(missing)} of {len(names)} dataset(s)):\n"
-                                + "\n".join(lines) + "\nThen check it with: python -m lib.data.manifest verify; "
-                                "or run a preset that uses the built-in cohort (smoke, demo, subset).")
-    prepared = root / PREPARED_REAL
-    if not (prepared / "subjects.csv").is_file():
-        raise FileNotFoundError(f"{', '.join(names)} are present, but their prepared cohort is not: expected "
-                                f"{prepared}/subjects.csv with brain_mri/<subject>/{{t1,t2,mra}}.nii.gz and "
-                                f"head_ct/<subject>/ct.nii.gz (the layout of lib.data.demo)")
-    return prepared
+    """Volumes of one modality for pre-training: MRI = every contrast of ``brain_mri``, CT = ``head_ct``."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return cohort(root).files(modality, split, dataset="brain_mri" if modality == "MRI" else "head_ct")
 
 
 # --------------------------------------------------------------------------- volume preprocessing
@@ -248,7 +250,7 @@ class SeriesPairs(Dataset):
         return len(self.subjects)
 
     def _stack(self, subject: str, name: str) -> np.ndarray:
-        path = self.root / "chest_ct" / subject / f"{name}.nii.gz"
+        path = image_file(self.root, "chest_ct", subject, name)
 
         def compute():
             v = load_volume(path, channels=(1,))
@@ -274,7 +276,7 @@ class SeriesPairs(Dataset):
         (as ``__getitem__`` returns it; index order frame, row, column), for NIfTI export with
         :func:`lib.data.io.save_volume`. Inverts :func:`axial_frames` and the in-plane resize (pixel
         centres, ``align_corners=False``)."""
-        v = load_volume(self.root / "chest_ct" / subject / f"{self.names[0]}.nii.gz", channels=(1,))
+        v = load_volume(image_file(self.root, "chest_ct", subject, self.names[0]), channels=(1,))
         nx, ny, nz = v.spatial_shape
         sx, sy = nx / self.size, ny / self.size
         # frame f, row r, column c <- source voxel (nx-1-c', ny-1-r', nz-1-start-f), c' = (c + 0.5) sx - 0.5
@@ -290,12 +292,13 @@ class CXRPairs(Dataset):
 
     def __init__(self, root: str | os.PathLike, split: str, size: int | None = None):
         self.root, self.size = Path(root), size
-        table = pd.read_csv(self.root / "cxr_pairs" / "pairs.csv", keep_default_na=False, dtype={"split": str})
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
-        self.pairs = table[table["split"] == split].reset_index(drop=True)
+        ds = cohort(root)
+        self.pairs = _typed(ds.pairs[ds.pairs["split"] == split].reset_index(drop=True))
         if self.pairs.empty:
             raise ValueError(f"no CXR pairs in split {split!r} of {root}")
+        self.paths = {i: ds.root / p for i, p in zip(ds.index["image_id"], ds.index["path"])}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -303,8 +306,9 @@ class CXRPairs(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.pairs.iloc[i]
         item = {"pair": row["pair"], "nuisance_only": bool(int(row["nuisance_only"]))}
-        for name in ("baseline", "followup", "change"):
-            x = torch.from_numpy(np.load(self.root / "cxr_pairs" / row["pair"] / f"{name}.npy"))[None]
+        for name, path in (("baseline", self.paths[row["a"]]), ("followup", self.paths[row["b"]]),
+                           ("change", self.root / row["target_path"])):
+            x = torch.from_numpy(np.load(path))[None]
             item[name] = x if self.size is None else resize(x, (self.size, self.size))
         return item
 
@@ -331,17 +335,20 @@ class DRRVolumes(Dataset):
         return len(self.subjects)
 
     def ct_path(self, subject: str) -> Path:
-        return self.root / "chest_ct" / subject / "noncontrast.nii.gz"
+        return image_file(self.root, "chest_ct", subject, "noncontrast")
+
+    def drr_path(self, subject: str, view: str) -> Path:
+        return image_file(self.root, "drr", subject, view)
 
     def _view(self, subject: str, angle: float) -> np.ndarray:
         stored = {0.0: "frontal", 90.0: "lateral"}.get(angle % 360)
         if stored is not None:
-            return np.load(self.root / "drr" / subject / f"{stored}.npy")
+            return np.load(self.drr_path(subject, stored))
         path = self.ct_path(subject)
 
         def compute():
             v = load_volume(path, channels=(1,))
-            return drr.radiograph(v.array[0], v.spacing, angle, size=np.load(self.root / "drr" / subject / "frontal.npy").shape[0])
+            return drr.radiograph(v.array[0], v.spacing, angle, size=np.load(self.drr_path(subject, "frontal")).shape[0])
 
         return compute() if self.cache is None else self.cache.get(path, {"drr_angle": angle, **drr.parameters()}, compute)
 
@@ -382,7 +389,7 @@ class DRRVolumes(Dataset):
         subject = self.subjects[0]
         v = load_volume(self.ct_path(subject), channels=(1,))
         (nx, ny, nz), (sx, sy, sz) = v.spatial_shape, v.spacing
-        size = np.load(self.root / "drr" / subject / "frontal.npy", mmap_mode="r").shape[0]
+        size = np.load(self.drr_path(subject, "frontal"), mmap_mode="r").shape[0]
         h_mm, w_mm = nz * sz, nx * sx
         fov = max(h_mm, w_mm)
         rows = nz + 2 * int(round((fov - h_mm) / sz / 2))

@@ -13,6 +13,13 @@ Layout under ``--out`` (every subject in exactly one split, ``train`` / ``val`` 
     drr/<sub>/frontal.npy lateral.npy                       Beer–Lambert DRRs of the non-contrast series
     cxr_pairs/<pair>/baseline.npy followup.npy change.npy   longitudinal pairs, signed change map
     cxr_pairs/pairs.csv                                     findings appeared / resolved / persistent, nuisance
+    dataset.json index.csv labels.csv points.csv pairs.csv report.csv    the prepared-dataset format
+
+The cohort is a prepared dataset (``lib/data/dataset_format.md``): :func:`write_format` indexes its files
+(modality MRI for brain_mri, CT for head_ct and chest_ct, XR for DRRs and CXR images), puts the subject
+facts into ``labels.csv``, the aneurysm centres into ``points.csv`` and the CXR pairs into ``pairs.csv``;
+readers (:mod:`lib.data.datasets`) find every file and fact through it. ``subjects.csv`` and
+``cxr_pairs/pairs.csv`` stay as the generator's own record (``data_manifest.csv`` checksums them).
 
 Aneurysm-like blobs (the downstream task of pre-training) sit on the vessel tree of about half of the
 MRA and head CT subjects. The CXR change map is ``DRR(follow-up CT) - DRR(baseline CT)`` in the
@@ -39,6 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from lib.data import drr, phantoms as ph
+from lib.data.demo_format import IMAGES, write_format
 
 CHANGE_FLOOR = 0.005     # |change| below this (in radiograph units) is not a change
 MIN_COMPONENT_PX = 4     # smaller connected components of the change map are dropped
@@ -285,6 +293,7 @@ def build(out: str | Path, size: str = "demo", seed: int = 0, progress: bool = T
         "splits": dict(SPLITS),
     }
     write_json(out / "cohort.json", info)
+    write_format(out, size)  # the prepared-dataset tables (lib.data.demo_format)
     return info
 
 
@@ -322,18 +331,22 @@ def ensure(size: str, rebuild: bool = False, progress: bool = True) -> tuple[Pat
     if problems:
         raise RuntimeError(f"the {size} cohort in {out} does not match data_manifest.csv "
                            f"({len(problems)} file(s)):\n  " + "\n  ".join(problems[:10]))
+    if not built:  # a verified cohort: (re)index it, e.g. one built before the format existed
+        write_format(out, size)
     n = int((manifest.load_manifest()["source"] == f"builtin:{size}").sum())
     return out, {"cohort": size, "path": str(out), "built": built, "files_verified": n,
                  "seconds": round(time.monotonic() - t0, 1)}
 
 
 def summary(root: str | Path) -> "pd.DataFrame":
-    """Subjects (and CXR pairs) per dataset and split."""
+    """Subjects (and CXR pairs) per dataset and split, from the cohort's index."""
     import pandas as pd
 
-    root = Path(root)
-    subjects = pd.read_csv(root / "subjects.csv", keep_default_na=False)
-    pairs = pd.read_csv(root / "cxr_pairs" / "pairs.csv", keep_default_na=False).assign(dataset="cxr_pairs")
+    from lib.data.datasets import cohort
+
+    ds = cohort(root)
+    subjects = ds.index[ds.index["dataset"].isin(IMAGES)].drop_duplicates(["dataset", "subject"])
+    pairs = ds.pairs.assign(dataset="cxr_pairs")
     both = pd.concat([subjects[["dataset", "split"]], pairs[["dataset", "split"]]])
     table = both.groupby(["dataset", "split"]).size().unstack(fill_value=0)
     return table.reindex(columns=[s for s, _ in SPLITS]).assign(total=lambda t: t.sum(axis=1))
@@ -352,17 +365,21 @@ def examples(root: str | Path, subject: str = "sub-000", pair: str | None = None
         v = np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
         return oriented_slice(v, axis, int(v.shape[axis] * fraction))
 
-    out = {f"MRI {n.upper()}": mid(root / "brain_mri" / subject / f"{n}.nii.gz") for n in ("t1", "t2", "mra")}
-    ct = mid(root / "head_ct" / subject / "ct.nii.gz", fraction=0.35)
+    from lib.data.datasets import cohort, image_file
+
+    out = {f"MRI {n.upper()}": mid(image_file(root, "brain_mri", subject, n)) for n in ("t1", "t2", "mra")}
+    ct = mid(image_file(root, "head_ct", subject, "ct"), fraction=0.35)
     for name in ("brain", "subdural", "bone"):
         out[f"head CT, {name} window"] = window(ct, *WINDOWS[name])
     for name in ("noncontrast", "contrast"):
-        out[f"chest CT {name}"] = window(mid(root / "chest_ct" / subject / f"{name}.nii.gz", fraction=0.6), *WINDOWS["diffusion"])
+        out[f"chest CT {name}"] = window(mid(image_file(root, "chest_ct", subject, name), fraction=0.6), *WINDOWS["diffusion"])
     for name in ("frontal", "lateral"):
-        out[f"DRR {name}"] = np.load(root / "drr" / subject / f"{name}.npy")
-    pair = pair or sorted(p.name for p in (root / "cxr_pairs").iterdir() if p.is_dir())[0]
-    for name in ("baseline", "followup", "change"):
-        out[f"CXR {name} ({pair})"] = np.load(root / "cxr_pairs" / pair / f"{name}.npy")
+        out[f"DRR {name}"] = np.load(image_file(root, "drr", subject, name))
+    ds = cohort(root)
+    row = ds.pairs.iloc[0] if pair is None else ds.pairs.set_index("pair").loc[pair].rename(pair)
+    pair = row["pair"] if pair is None else pair
+    for name, path in (("baseline", ds.file(row["a"])), ("followup", ds.file(row["b"])), ("change", root / row["target_path"])):
+        out[f"CXR {name} ({pair})"] = np.load(path)
     return out
 
 

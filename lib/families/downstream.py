@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib import metrics, runs
-from lib.data.datasets import AlternatingLoader, normalise_mri, subjects
+from lib.data.datasets import AlternatingLoader, image_file, normalise_mri, subjects
 from lib.data.io import load_volume
 from lib.data.transforms import ct_windows
 from lib.models.waveformer import WaveFormer3D
@@ -68,11 +68,11 @@ def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, 
     than ``size / 2 + margin`` voxels from it (so no negative patch holds the blob)."""
     root = Path(root)
     out = {}
-    for modality, dataset, name in (("CT", "head_ct", "ct.nii.gz"), ("MRI", "brain_mri", "mra.nii.gz")):
+    for modality, dataset, name in (("CT", "head_ct", "ct"), ("MRI", "brain_mri", "mra")):
         xs, ys, where = [], [], []
         for _, s in subjects(root, dataset, split).iterrows():
             rng = np.random.default_rng([seed, 1 if dataset == "head_ct" else 2, int(s["subject"].split("-")[1])])
-            v = load_volume(root / dataset / s["subject"] / name)
+            v = load_volume(image_file(root, dataset, s["subject"], name))
             if modality == "CT":
                 array, vessels = ct_windows(v.array), v.array[0] > 150
             else:
