@@ -21,6 +21,7 @@ EXPECTED = {  # section -> keys every row of it has
     "diffusion": {"name", "preset", "frames"},
     "memory": {"name", "params_m", "state_gb", "act_gb_per_sample_autocast", "act_gb_per_sample_checkpointing",
                "max_batch_autocast", "max_batch_checkpointing", "preset_batch"},
+    "convert": {"name", "workers", "series", "files"},
 }
 
 

@@ -16,6 +16,8 @@ The sections, registered once in :data:`lib.bench.report.SECTIONS`:
 6. ``diffusion``: DDIM time per frame at the demo size; VAE encode/decode frames/s (:mod:`lib.bench.families`).
 7. ``memory``: the largest batch per family at prod on a 16 GB GPU, estimated from activation sizes
    measured on this CPU (:mod:`lib.bench.families`).
+8. ``convert``: RSNA-like DICOM series to the prepared format with 1 and 2 workers, beside dcm2niix on the
+   same series, and the projected time for the RSNA training set on 4 cores (:mod:`lib.bench.convert`).
 
 Two extras (:data:`lib.bench.cli.EXTRAS`) run only when ``--only`` names them, each writing its own file
 into the output folder: ``pretrain_step`` (03_pretrain's step at subset and prod, each in a fresh

@@ -20,6 +20,8 @@ SECTIONS: dict[str, tuple[str, str, str, str | None]] = {
     "data": ("lib.bench.data", "data_path", "5. Data path: decoding, cache, consumption", None),
     "diffusion": ("lib.bench.families", "diffusion_sampling", "6. Diffusion: DDIM sampling and VAE throughput", None),
     "memory": ("lib.bench.families", "memory_estimate", "7. Memory estimate at prod on a 16 GB GPU (T4)", None),
+    "convert": ("lib.bench.convert", "conversion", "8. Conversion: DICOM series to the prepared format, beside dcm2niix",
+                None),
 }
 
 
