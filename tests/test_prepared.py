@@ -259,3 +259,18 @@ def test_survey_of_a_prepared_dataset(dataset):
     assert geometry.loc[0, "smallest shape"] == geometry.loc[0, "largest shape"] == "4 5 6"
     assert tables["report"].loc["refused", "items"] == 2 and tables["report"].loc["converted", "items"] == 18
     assert set(tables["refused"]["source"]) == {"raw/img03", "raw/img07"}
+
+
+def test_the_readmes_conversion_commands_parse():
+    import shlex
+
+    from lib import paths
+    from lib.data.convert.__main__ import _parser
+
+    lines = [line.strip() for line in (paths.ROOT / "README.md").read_text().splitlines()
+             if line.strip().startswith("python -m lib.data.convert ")]
+    assert len(lines) >= 3
+    for line in lines:
+        argv = shlex.split(line.split("#")[0])[3:]
+        args = _parser(argv[0]).parse_args(argv)
+        assert args.dataset in engine.names()
