@@ -120,14 +120,15 @@ def _decode(frames: list[Frame], notes: list[str]) -> tuple[list[Frame], list[np
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_modality_lut
 
-    kept, pixels, cache, bad, blank = [], [], {}, [], 0
+    kept, pixels, cache, bad, blank, first_error = [], [], {}, [], 0, ""
     for f in frames:
         if f.path not in cache:
             try:
                 ds = pydicom.dcmread(f.path)
                 cache[f.path] = (ds, ds.pixel_array)
-            except Exception:
+            except Exception as e:  # truncated data, or a compressed transfer syntax without its decoder
                 cache[f.path] = None
+                first_error = first_error or f"{f.path.name}: {type(e).__name__}: {str(e)[:300]}"
         if cache[f.path] is None:
             bad.append(f.path.name)
             continue
@@ -146,7 +147,7 @@ def _decode(frames: list[Frame], notes: list[str]) -> tuple[list[Frame], list[np
         kept.append(f)
         pixels.append(values)
     if bad:
-        notes.append(f"dropped {len(set(bad))} file(s) with damaged pixel data ({', '.join(sorted(set(bad))[:3])})")
+        notes.append(f"dropped {len(set(bad))} file(s) whose pixel data could not be decoded (first: {first_error})")
     if blank:
         notes.append(f"dropped {blank} blank image(s)")
     return kept, pixels

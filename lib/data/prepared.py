@@ -68,10 +68,12 @@ def parse_tuple(text: str) -> tuple[float, ...]:
 
 
 def write_image(root: str | os.PathLike, relpath: str, array: np.ndarray, affine: np.ndarray,
-                dtype: Any = None) -> dict[str, str]:
+                dtype: Any = None, spacing: float | None = None, order: int = 1) -> dict[str, str]:
     """Write ``array`` (``[X, Y, Z]`` or ``[C, X, Y, Z]``, voxel -> RAS mm ``affine``) as NIfTI, reoriented
     to RAS, atomically, under ``root/relpath``; returns the index fields ``path, shape, spacing_mm, sha256``.
-    ``dtype``: the on-disk type (default: int16 for integer-valued data in its range, else float32)."""
+    ``dtype``: the on-disk type (default: int16 for integer-valued data in its range, else float32).
+    ``spacing``: resample to cubic voxels of this many mm first (:func:`lib.data.transforms.resample_isotropic`,
+    spline ``order``: 1 for images, 0 for masks and labels); integer input stays integer (rounded)."""
     import nibabel as nib
 
     from lib.atomic import atomic_path
@@ -85,9 +87,21 @@ def write_image(root: str | os.PathLike, relpath: str, array: np.ndarray, affine
         raise ValueError(f"{relpath}: an image must be 3D (or 3D with channels), got shape {array.shape}")
     img = nib.as_closest_canonical(nib.Nifti1Image(array, np.asarray(affine, np.float64)))
     data = np.asanyarray(img.dataobj)
+    if spacing is not None:
+        from lib.data.io import Volume
+        from lib.data.transforms import resample_isotropic
+
+        channels = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+        volume = resample_isotropic(Volume(channels, img.affine), float(spacing), order)
+        resampled = volume.array[0] if data.ndim == 3 else np.moveaxis(volume.array, 0, -1)
+        data = np.round(resampled).astype(data.dtype) if np.issubdtype(data.dtype, np.integer) else resampled
+        img = nib.Nifti1Image(data, volume.affine)
     if dtype is None:
         integral = np.issubdtype(data.dtype, np.integer) or bool(np.all(np.mod(data, 1) == 0))
         dtype = np.int16 if integral and data.min() >= -32768 and data.max() <= 32767 else np.float32
+    if np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(data.dtype, np.integer):
+        info = np.iinfo(dtype)
+        data = np.clip(np.round(data), info.min, info.max)
     out = nib.Nifti1Image(data.astype(dtype), img.affine)
     out.set_qform(img.affine, code=1)
     out.set_sform(img.affine, code=1)

@@ -32,11 +32,13 @@ NB_02 = _spec(
         "workers": Param(2, int, "conversion processes"),
         "shard": Param("", str, "I/N: convert only this machine's share (1..N) of each dataset; '' = all"),
         "convert_limit": Param(None, (int, type(None)), "convert at most this many items per dataset (a trial run); None = all"),
+        "convert_spacing": Param(None, (float, type(None)), "resample converted images to cubic voxels of this many mm "
+                                 "(03 prod trains at 1 mm; keeps Kaggle outputs small); None or 0 keeps each image's grid"),
     },
     smoke={"cohort": "smoke", "prep_size": 48, "throughput_files": 4},
     demo={},
-    subset={"spacing": 1.5, "prep_size": 128, "convert": "auto", "workers": 4},
-    prod={"spacing": 1.0, "prep_size": 160, "convert": "auto", "workers": 4},
+    subset={"spacing": 1.5, "prep_size": 128, "convert": "auto", "workers": 4, "convert_spacing": 1.0},
+    prod={"spacing": 1.0, "prep_size": 160, "convert": "auto", "workers": 4, "convert_spacing": 1.0},
 )
 
 NOTEBOOKS = {"01_explore_data": NB_01, "02_prepare_data": NB_02}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import pkgutil
 import time
@@ -106,13 +107,19 @@ def split_of(items: Sequence[Item], module: ModuleType) -> dict[str, str]:
     return {**seeded, **own}
 
 
-def _done(out: Path, index: pd.DataFrame, version: str) -> set[str]:
-    """Sources whose every image an earlier run wrote with this converter version and that still verify."""
-    if index.empty or "converter_version" not in index.columns:
+def options_key(options: dict) -> str:
+    """A short fingerprint of the converter options: outputs made with other options are converted again."""
+    return hashlib.sha1(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _done(out: Path, index: pd.DataFrame, version: str, key: str) -> set[str]:
+    """Sources whose every image an earlier run wrote with this converter version and these options, and
+    whose files still verify."""
+    if index.empty or "converter_version" not in index.columns or "converter_options" not in index.columns:
         return set()
     done = set()
     for source, rows in index.groupby("source"):
-        if (rows["converter_version"] == version).all() and all(
+        if (rows["converter_version"] == version).all() and (rows["converter_options"] == key).all() and all(
                 (out / p).is_file() and fmt.sha256_file(out / p) == h for p, h in zip(rows["path"], rows["sha256"])):
             done.add(source)
     return done
@@ -154,7 +161,7 @@ class _Tables:
     points: list[dict] = field(default_factory=list)
     report: list[dict] = field(default_factory=list)
 
-    def add(self, result: dict, module: ModuleType, splits: dict[str, str]) -> None:
+    def add(self, result: dict, module: ModuleType, splits: dict[str, str], key: str) -> None:
         item = result["item"]
         if "output" not in result:
             self.report.append({"source": item.source, "status": "refused", "reason": result["reason"]})
@@ -163,7 +170,7 @@ class _Tables:
         for row in out.images:
             self.index.append({"subject": item.subject, "dataset": module.NAME, "split": splits[item.subject],
                                "source": item.source, "sequence": row.get("modality", ""), **row,
-                               "converter_version": module.VERSION})
+                               "converter_version": module.VERSION, "converter_options": key})
         self.labels += out.labels
         self.points += out.points
         self.report.append({"source": item.source, "status": "converted",
@@ -221,7 +228,8 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
     mine = mine[:limit] if limit else mine
     previous = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in (out / "parts").glob("*/index.csv")]
                          or [pd.DataFrame()], ignore_index=True)
-    done = _done(out, previous, module.VERSION)
+    key = options_key(options)
+    done = _done(out, previous, module.VERSION, key)
     todo = [it for it in mine if it.source not in done]
     fmt.write_info(out, {**module.INFO, "name": module.NAME, "converter": f"lib.data.convert.{module.NAME}",
                          "converter_version": module.VERSION, "options": options})
@@ -245,7 +253,7 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
     try:
         results: Iterable[dict] = pool.map(_run_one, args) if pool else map(_run_one, args)
         for k, result in enumerate(results, 1):
-            tables.add(result, module, splits)
+            tables.add(result, module, splits, key)
             bar.update()
             if k % FLUSH_EVERY == 0:
                 tables.write(part)
@@ -267,6 +275,7 @@ def defaults(module: ModuleType) -> dict:
     import argparse
 
     parser = argparse.ArgumentParser(add_help=False)
+    add_common_arguments(parser)
     if hasattr(module, "add_arguments"):
         module.add_arguments(parser)
     return vars(parser.parse_args([]))
@@ -284,7 +293,7 @@ def parse_sources(text: str) -> dict[str, str]:
 
 
 def convert_all(spec: str, sources: str = "", *, workers: int = 1, shard: str | None = None, limit: int | None = None,
-                progress: bool = True) -> pd.DataFrame:
+                spacing: float | None = None, progress: bool = True) -> pd.DataFrame:
     """Convert several raw datasets into ``<data root>/prepared/NAME``; one summary row per dataset.
 
     ``spec``: comma-separated names, ``"auto"`` (every dataset whose raw download is found: the data root,
@@ -305,6 +314,13 @@ def convert_all(spec: str, sources: str = "", *, workers: int = 1, shard: str | 
             rows.append({"dataset": name, "status": "raw download not found"})
             continue
         summary = run(module, found[0], locate.prepared_dir(name), workers=workers, shard=shard, limit=limit,
-                      progress=progress)
+                      options={"spacing": spacing}, progress=progress)
         rows.append({"status": "done", "src": str(found[0]), **{k: v for k, v in summary.items() if k != "tables"}})
     return pd.DataFrame(rows)
+
+
+def add_common_arguments(parser: Any) -> None:
+    """Options every converter takes (they reach ``convert`` in ``options``)."""
+    parser.add_argument("--spacing", type=float, default=None,
+                        help="resample every image to cubic voxels of this many mm (smaller datasets: e.g. 1.0); "
+                             "default: keep each image's own grid")

@@ -19,6 +19,7 @@ def _parser(name: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="convert at most K items (of this shard)")
     parser.add_argument("--merge-only", action="store_true", help="only rebuild the top-level tables from parts/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_common_arguments(parser)
     if name in convert.names():
         convert.get(name).add_arguments(parser.add_argument_group(f"{name} options"))
     return parser
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"input root; pass --src (get it with: python -m lib.data.manifest fetch {args.dataset})", file=sys.stderr)
             return 2
         src = str(found[0])
-    if args.workers < 1 or (args.limit is not None and args.limit < 1):
-        print("error: --workers and --limit must be >= 1", file=sys.stderr)
+    if args.workers < 1 or (args.limit is not None and args.limit < 1) or (args.spacing is not None and not args.spacing > 0):
+        print("error: --workers and --limit must be >= 1, --spacing > 0", file=sys.stderr)
         return 2
     options = {k: v for k, v in vars(args).items() if k in convert.defaults(module)}
     try:

@@ -124,7 +124,7 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # [column, row, slice]
     affine = np.diag([-sx, -sy, -sz, 1.0])  # column: R->L, row: A->P, slice: S->I (module docstring)
     rel = f"images/{item.key.replace('/', '_')}.nii.gz"
-    fields = write_image(out, rel, volume.astype(np.int16), affine, dtype=np.int16)
+    fields = write_image(out, rel, volume.astype(np.int16), affine, dtype=np.int16, spacing=options.get("spacing"))
     import nibabel as nib
 
     ras = nib.load(out / rel).affine

@@ -88,7 +88,8 @@ def _load(path: Path):
     return data, img.affine
 
 
-def _mask(root: Path, rel: str, shape: tuple, affine: np.ndarray, out: Path, target: str) -> tuple[dict, str]:
+def _mask(root: Path, rel: str, shape: tuple, affine: np.ndarray, out: Path, target: str,
+          spacing: float | None) -> tuple[dict, str]:
     """``({column: path}, note)`` for one mask of the row (written beside the image on its grid)."""
     if not rel:
         return {}, ""
@@ -98,7 +99,8 @@ def _mask(root: Path, rel: str, shape: tuple, affine: np.ndarray, out: Path, tar
         return {}, f"mask dropped: {e}"
     if data.shape != shape or not np.allclose(mask_affine, affine, atol=1e-3):
         return {}, f"mask {Path(rel).name} dropped: not on the image's grid ({data.shape} vs {shape})"
-    return {"path": write_image(out, target, (data > 0.5).astype(np.uint8), mask_affine, dtype=np.uint8)["path"]}, ""
+    mask = (data > 0.5).astype(np.uint8)
+    return {"path": write_image(out, target, mask, mask_affine, dtype=np.uint8, spacing=spacing, order=0)["path"]}, ""
 
 
 def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
@@ -109,11 +111,12 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     root = _root(src)
     data, affine = _load(root / row["image_path"])
     stem = row["image_path"].removesuffix(".gz").removesuffix(".nii")
-    fields = write_image(out, f"images/{stem}.nii.gz", data, affine)
+    fields = write_image(out, f"images/{stem}.nii.gz", data, affine, spacing=options.get("spacing"))
     image = {"image_id": row["image_path"], "modality": "MRI", "sequence": row["modality"], **fields}
     notes = []
     for column, key, suffix in (("mask_path", "anat_mask_path", "anat_mask"), ("deface_mask_path", "anon_mask_path", "deface_mask")):
-        written, note = _mask(root, row.get(key, ""), data.shape, affine, out, f"images/{stem}__{suffix}.nii.gz")
+        written, note = _mask(root, row.get(key, ""), data.shape, affine, out, f"images/{stem}__{suffix}.nii.gz",
+                              options.get("spacing"))
         image[column] = written.get("path", "")
         notes += [note] if note else []
     image.update({f"meta_{k}": row.get(k, "") for k in KEEP})

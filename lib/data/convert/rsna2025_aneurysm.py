@@ -138,7 +138,8 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     modality = MODALITIES.get(sequence, "CT" if series.modality == "CT" else "MRI")
     array = series.array[0]
     integral = bool(np.all(np.mod(array, 1) == 0)) and array.min() >= -32768 and array.max() <= 32767
-    fields = write_image(out, f"images/{uid}.nii.gz", array, series.affine, dtype=np.int16 if integral else np.float32)
+    fields = write_image(out, f"images/{uid}.nii.gz", array, series.affine, dtype=np.int16 if integral else np.float32,
+                         spacing=options.get("spacing"))
     import nibabel as nib
 
     written = nib.load(out / fields["path"])
