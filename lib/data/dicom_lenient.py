@@ -201,7 +201,7 @@ def assemble(folder: Path) -> Series:
         raise DicomSeriesError(f"no readable image in {len(files)} file(s)")
     kept, pixels = _decode(_majority(frames, notes), notes)
     if not kept:
-        raise DicomSeriesError("no image left after dropping blank and damaged ones")
+        raise DicomSeriesError("no image left: " + "; ".join(notes))
     stack, step = _stack(kept, pixels, notes)
     f0 = min(kept, key=lambda f: f.position @ np.cross(f.orientation[:3], f.orientation[3:]))
     lps = np.eye(4)
