@@ -274,3 +274,29 @@ def test_the_readmes_conversion_commands_parse():
         argv = shlex.split(line.split("#")[0])[3:]
         args = _parser(argv[0]).parse_args(argv)
         assert args.dataset in engine.names()
+
+
+def test_merge_takes_an_images_rows_from_the_part_that_converted_it_last(tmp_path):
+    def part(name, index, points):
+        prepared.write_table(tmp_path / "parts" / name, "index.csv", index, prepared.INDEX_COLUMNS)
+        prepared.write_table(tmp_path / "parts" / name, "points.csv", points, prepared.POINT_COLUMNS)
+
+    row = {"subject": "s", "dataset": "d", "modality": "CT", "sequence": "CT", "split": "train", "shape": "1 1 1",
+           "spacing_mm": "1 1 1", "sha256": "x", "source": "raw"}
+    point = {"label": "lesion", "x": 0, "y": 0, "z": 0, "i": 0, "j": 0, "k": 0}
+    part("1-of-2", [{"image_id": "a", "path": "old.nii.gz", **row}, {"image_id": "b", "path": "b.nii.gz", **row}],
+         [{"image_id": "a", **point, "x": 9}, {"image_id": "b", **point}])
+    part("2-of-2", [{"image_id": "a", "path": "new.nii.gz", **row}],
+         [{"image_id": "a", **point}, {"image_id": "a", **point}])  # two lesions, identical rows: both kept
+    counts = engine.merge(tmp_path)
+    index = pd.read_csv(tmp_path / "index.csv").set_index("image_id")
+    points = pd.read_csv(tmp_path / "points.csv")
+    assert counts["index"] == 2 and index.loc["a", "path"] == "new.nii.gz"
+    assert list(points["image_id"]) == ["b", "a", "a"] and set(points["x"]) == {0}
+
+
+def test_a_subject_in_two_of_the_datasets_own_splits_is_warned_about():
+    items_ = [Item("1", "p1", "s1", split="train"), Item("2", "p1", "s2", split="test"), Item("3", "p2", "s3", split="val")]
+    with pytest.warns(UserWarning, match="1 subject.*p1"):
+        splits = engine.split_of(items_, TOY)
+    assert splits == {"p1": "train", "p2": "val"}

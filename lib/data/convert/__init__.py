@@ -31,6 +31,7 @@ import os
 import pkgutil
 import time
 import traceback
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,13 @@ def in_shard(key: str, shard: tuple[int, int]) -> bool:
 
 
 def split_of(items: Sequence[Item], module: ModuleType) -> dict[str, str]:
-    """Subject -> split: the dataset's own where its items carry one, else seeded over all subjects."""
-    own = {it.subject: it.split for it in items if it.split}
+    """Subject -> split: the dataset's own where its items carry one, else seeded over all subjects. A
+    subject whose items disagree keeps its first item's split (a subject is in one split), with a warning."""
+    own: dict[str, str] = {}
+    clash = sorted({it.subject for it in items if it.split and own.setdefault(it.subject, it.split) != it.split})
+    if clash:
+        warnings.warn(f"{module.NAME}: the dataset's own split puts {len(clash)} subject(s) in several splits "
+                      f"({', '.join(clash[:5])}); each keeps the split of its first item", stacklevel=2)
     rest = [it.subject for it in items if it.subject not in own]
     seeded = fmt.assign_splits(rest, getattr(module, "SPLIT_SEED", 0), getattr(module, "SPLIT_FRACTIONS", (0.8, 0.1, 0.1)))
     return {**seeded, **own}
@@ -183,29 +189,38 @@ class _Tables:
             fmt.write_table(part, name, rows, columns)
 
 
+def _read_part(part: Path, name: str) -> pd.DataFrame:
+    df = pd.read_csv(part / name, dtype=str, keep_default_na=False) if (part / name).is_file() else pd.DataFrame()
+    return df.assign(_part=part.name) if len(df.columns) else pd.DataFrame()
+
+
 def merge(out: str | os.PathLike) -> dict[str, int]:
-    """Rebuild the top-level tables of ``out`` from every ``parts/*/`` (later parts win for one image or source)."""
+    """Rebuild the top-level tables of ``out`` from every ``parts/*/``. An image converted by several parts
+    (a sharded run, then a whole one) is taken from the last part, with that part's labels and points;
+    a source's report row likewise."""
     out = Path(out)
     parts = sorted(p for p in (out / "parts").glob("*") if p.is_dir())
-    merged = {}
-    for name, key in (("index.csv", "image_id"), ("labels.csv", "image_id"), ("points.csv", None), ("report.csv", "source")):
-        frames = [pd.read_csv(p / name, dtype=str, keep_default_na=False) for p in parts if (p / name).is_file()]
-        frames = [f for f in frames if len(f.columns)]
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        if key and not df.empty:
-            df = df.drop_duplicates(key, keep="last")
-        merged[name] = df
-    index = merged["index.csv"]
-    if not index.empty:  # points and labels of images no longer in the index (re-converted elsewhere) go
-        ids = set(index["image_id"])
-        for name in ("labels.csv", "points.csv"):
-            if not merged[name].empty:
-                merged[name] = merged[name][merged[name]["image_id"].isin(ids)].drop_duplicates()
+    tables = {}
+    for name in ("index.csv", "labels.csv", "points.csv", "report.csv"):
+        frames = [f for f in (_read_part(p, name) for p in parts) if len(f.columns)]
+        tables[name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not tables["index.csv"].empty:
+        index = tables["index.csv"].drop_duplicates("image_id", keep="last")
+        winner = dict(zip(index["image_id"], index["_part"]))
+        tables["index.csv"] = index
+        for name in ("labels.csv", "points.csv"):  # only the rows of the part whose image won
+            df = tables[name]
+            if not df.empty:
+                tables[name] = df[[winner.get(i) == p for i, p in zip(df["image_id"], df["_part"])]]
+    else:
+        tables["labels.csv"] = tables["points.csv"] = pd.DataFrame()
+    if not tables["report.csv"].empty:
+        tables["report.csv"] = tables["report.csv"].drop_duplicates("source", keep="last")
     columns = {"index.csv": fmt.INDEX_COLUMNS, "labels.csv": ("image_id",), "points.csv": fmt.POINT_COLUMNS,
                "report.csv": fmt.REPORT_COLUMNS}
-    for name, df in merged.items():
-        fmt.write_table(out, name, df, columns[name])
-    return {name.split(".")[0]: len(df) for name, df in merged.items()}
+    for name, df in tables.items():
+        fmt.write_table(out, name, df.drop(columns="_part", errors="ignore"), columns[name])
+    return {name.split(".")[0]: len(df) for name, df in tables.items()}
 
 
 def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, *, workers: int = 1, shard: str | None = None,

@@ -4,19 +4,26 @@ Raw layout: ``DL_info.csv`` and ``Images_png/<patient6>_<study2>_<series2>/<NNN>
 HU = value - 32768), extracted or still inside the ``Images_png_NN.zip`` parts (read in place). Only key
 slices and their neighbours are released, so, as the dataset's own ``DL_save_nifti.py`` does, a folder's
 slice indices are split into runs of consecutive numbers and each run becomes one sub-volume (one item,
-key ``<folder>/<first>-<last>``). A run of a single slice is refused (it is not a volume); so is a run with
-an unreadable, 8-bit or differently sized slice, and every run of a folder without a ``DL_info.csv`` row
-(its spacing is unknown).
+key ``<folder>/<first>-<last>``, written ``images/<folder>_<first>-<last>.nii.gz``). A run of a single
+slice is refused by default (it is not a volume; the official script would write it as a one-slice NIfTI:
+``--min-slices 1`` keeps it so); so is a run with an unreadable, 8-bit or differently sized slice, and every
+run of a folder without a ``DL_info.csv`` row (its spacing is unknown; the official script fails there).
 
-Geometry (assumed, as DeepLesion ships no orientation): the PNGs are axial slices in radiological display,
-rows anterior -> posterior and the patient's right on the image's left; the slice index increases from
-superior to inferior (the usual order of CT instance numbers; *unconfirmed*: a series acquired the other
-way would be flipped head to foot). Spacing from ``Spacing_mm_px_`` ("x, y, z" mm). Written in RAS, int16 HU.
+Geometry. DeepLesion ships no orientation; the geometry is the one its authors' ``DL_save_nifti.py`` writes
+(the affine it calls "suitable for 3D slicer and ITK-SNAP"): the PNGs are axial slices in radiological
+display, image columns running from the patient's right to left, rows from anterior to posterior, and the
+slice index increasing from superior to inferior. Nothing in the PNGs can confirm it (no DICOM position is
+released): a series acquired feet first would come out flipped head to foot, as it does with the official
+script. Spacing from ``Spacing_mm_px_`` ("x, y, z" mm: x along columns, y along rows, z between slices;
+the official script pairs the first value with rows, which is the same thing for DeepLesion's square
+pixels). Written in RAS, int16 HU (PNG value - 32768), origin at the first voxel (no position is known).
 
 Split: ``Train_Val_Test`` (1 train, 2 val, 3 test), the dataset's own; subject = ``Patient_index``, so a
-patient's studies share a split. ``points.csv``: each lesion whose key slice lies in the run, at the
-centre of its bounding box (label = ``Coarse_lesion_type``: 1 bone, 2 abdomen, 3 mediastinum, 4 liver,
-5 lung, 6 kidney, 7 soft tissue, 8 pelvis, -1 unknown in the test split).
+patient's studies share a split. ``points.csv``: one point per lesion whose key slice lies in the run, at
+the centre of its ``Bounding_boxes`` (x1, y1, x2, y2 in pixels of the key slice), in RAS mm and voxels
+(label = ``Coarse_lesion_type``: 1 bone, 2 abdomen, 3 mediastinum, 4 liver, 5 lung, 6 kidney, 7 soft
+tissue, 8 pelvis; -1, written ``unknown``, throughout the training split: only val and test lesions were
+typed). ``labels.csv``: the number of lesions per sub-volume.
 """
 
 from __future__ import annotations
@@ -56,9 +63,13 @@ def _slices(src: Path) -> dict[str, dict[int, tuple[str, str]]]:
     """``{folder: {index: (zip or "", member or path)}}`` from the extracted folder or the zip parts."""
     out: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
     folder = src / "Images_png"
-    entries = ([("", p.relative_to(src).as_posix()) for p in sorted(folder.glob("*/*.png"))] if folder.is_dir() else
-               [(z.name, m) for z in sorted(src.glob("Images_png_*.zip")) for m in zipfile.ZipFile(z).namelist()
-                if m.endswith(".png")])
+    if folder.is_dir():
+        entries = [("", p.relative_to(src).as_posix()) for p in sorted(folder.glob("*/*.png"))]
+    else:
+        entries = []
+        for part in sorted(src.glob("Images_png_*.zip")):
+            with zipfile.ZipFile(part) as z:
+                entries += [(part.name, m) for m in z.namelist() if m.endswith(".png")]
     for archive, rel in entries:
         parts = rel.split("/")
         if len(parts) >= 2 and parts[-1][:-4].isdigit():
@@ -87,17 +98,33 @@ def items(src: Path, options: dict) -> list[Item]:
     return out
 
 
-def _read_png(src: Path, archive: str, rel: str) -> np.ndarray:
+def _read_slices(src: Path, files: list[tuple[str, str]]) -> list[np.ndarray]:
+    """The run's slices in HU, each zip part opened once (a part holds thousands of members)."""
+    archives = {a: zipfile.ZipFile(src / a) for a in sorted({a for a, _ in files} - {""})}
+    try:
+        return [_read_png(_bytes(src, archives, a, rel), rel) for a, rel in files]
+    finally:
+        for z in archives.values():
+            z.close()
+
+
+def _bytes(src: Path, archives: dict, archive: str, rel: str) -> bytes:
+    try:
+        return archives[archive].read(rel) if archive else (src / rel).read_bytes()
+    except Exception as e:  # a damaged zip member (bad CRC, truncated part) or a vanished file
+        raise Refused(f"{rel}: unreadable{f' in {archive}' if archive else ''} ({type(e).__name__}: {e})") from e
+
+
+def _read_png(data: bytes, rel: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        data = zipfile.ZipFile(src / archive).read(rel) if archive else (src / rel).read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             mode = img.mode
             array = np.array(img)
     except Exception as e:
         message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(e))
-        raise Refused(f"{rel}: unreadable PNG ({type(e).__name__}: {message})") from None
+        raise Refused(f"{rel}: unreadable PNG ({type(e).__name__}: {message})") from e
     if mode not in ("I;16", "I;16B", "I") or array.dtype.itemsize < 2:
         raise Refused(f"{rel}: {mode} PNG; DeepLesion slices are 16-bit (HU + 32768)")
     return array.astype(np.int32) - 32768
@@ -116,7 +143,7 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
         raise Refused(f"{item.key.split('/')[0]}: no row in {MARKER}, so its spacing is unknown")
     if len(p["indices"]) < options.get("min_slices", 2):
         raise Refused(f"a run of {len(p['indices'])} slice(s) ({item.key}): not a volume")
-    slices = [_read_png(src, archive, rel) for archive, rel in p["files"]]
+    slices = _read_slices(src, p["files"])
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
         raise Refused(f"slices of different sizes in one run: {sorted(shapes)}")
