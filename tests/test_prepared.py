@@ -300,3 +300,10 @@ def test_a_subject_in_two_of_the_datasets_own_splits_is_warned_about():
     with pytest.warns(UserWarning, match="1 subject.*p1"):
         splits = engine.split_of(items_, TOY)
     assert splits == {"p1": "train", "p2": "val"}
+
+
+def test_reruns_do_not_grow_the_part_report(raw, tmp_path):
+    for _ in range(3):
+        engine.run(TOY, raw, tmp_path / "out", progress=False)
+    part = pd.read_csv(tmp_path / "out" / "parts" / "1-of-1" / "report.csv")
+    assert len(part) == 20 and part["source"].is_unique

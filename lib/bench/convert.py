@@ -42,7 +42,8 @@ def _dcm2niix(src: Path, out: Path) -> None:
                        check=True, capture_output=True)
 
 
-def conversion(quick: bool, ceilings: dict | None = None, out=None) -> list[dict]:
+def _measure(quick: bool, workers: tuple[int, ...]) -> list[dict]:
+    """Rows ``ours, N worker(s)`` for each N in ``workers``, ``dcm2niix -z y`` and ``projection``."""
     from lib.data import convert
     from lib.data.fixtures import rsna2025_aneurysm as fixture
 
@@ -54,18 +55,19 @@ def conversion(quick: bool, ceilings: dict | None = None, out=None) -> list[dict
         facts = fixture.write_clean(tmp / "raw", n_series=n, size=size, slices=slices)
         mb = sum(f.stat().st_size for f in (tmp / "raw" / "series").rglob("*.dcm")) / 1e6
 
-        def ours(workers):
+        def ours(k):
             shutil.rmtree(tmp / "prepared", ignore_errors=True)
-            convert.run("rsna2025_aneurysm", tmp / "raw", tmp / "prepared", workers=workers, progress=False)
+            convert.run("rsna2025_aneurysm", tmp / "raw", tmp / "prepared", workers=k, progress=False)
 
-        for name, fn, workers in (("ours, 1 worker", lambda: ours(1), 1), ("ours, 2 workers", lambda: ours(2), 2),
-                                  ("dcm2niix -z y", lambda: _dcm2niix(tmp / "raw", tmp / "dcm2niix"), 1)):
+        runs = [(f"ours, {k} worker{'s' if k > 1 else ''}", (lambda k=k: ours(k)), k) for k in workers]
+        runs.append(("dcm2niix -z y", lambda: _dcm2niix(tmp / "raw", tmp / "dcm2niix"), 1))
+        for name, fn, k in runs:
             seconds = _best(fn, repeats)
-            rows.append({"name": name, "workers": workers, "series": n, "files": facts["files"], "slice": f"{size}x{size}",
+            rows.append({"name": name, "workers": k, "series": n, "files": facts["files"], "slice": f"{size}x{size}",
                          "dicom_mb": round(mb, 1), "seconds": round(seconds, 3), "series_per_s": round(n / seconds, 3),
                          "files_per_s": round(facts["files"] / seconds, 1),
-                         "files_per_s_per_worker": round(facts["files"] / seconds / workers, 1)})
-    ours1, ref = rows[0], rows[2]
+                         "files_per_s_per_worker": round(facts["files"] / seconds / k, 1)})
+    ours1, ref = rows[0], rows[-1]
     per_worker = ours1["files_per_s_per_worker"]
     rows.append({"name": "projection", "workers": CORES, "series": RSNA_SERIES, "files": RSNA_FILES,
                  "ratio_ours_vs_dcm2niix": round(ours1["files_per_s"] / ref["files_per_s"], 3),
@@ -73,11 +75,32 @@ def conversion(quick: bool, ceilings: dict | None = None, out=None) -> list[dict
     return rows
 
 
+def conversion(quick: bool, ceilings: dict | None = None, out=None) -> list[dict]:
+    """The section's rows (:data:`lib.bench.report.SECTIONS`): 1 and 2 workers, dcm2niix, the projection."""
+    return _measure(quick, (1, 2))
+
+
+def run(quick: bool = False) -> dict:
+    """The numbers alone, 1 worker beside dcm2niix (prints nothing): ``series_per_s_per_worker``,
+    ``files_per_s_per_worker``, ``dcm2niix_series_per_s``, ``dcm2niix_files_per_s``, ``ratio_ours_vs_dcm2niix``
+    (series/s, ours over dcm2niix), ``rsna_hours_on_4_cores`` (1.03 M files at 4x the files/s of one worker:
+    linear scaling assumed), and the sizes measured on (``series``, ``files``, ``slice_size``, ``slices``)."""
+    ours, ref, proj = _measure(quick, (1,))
+    return {"series": ours["series"], "files": ours["files"], "slices": ours["files"] // ours["series"],
+            "slice_size": int(ours["slice"].split("x")[0]), "seconds": ours["seconds"],
+            "series_per_s_per_worker": ours["series_per_s"], "files_per_s_per_worker": ours["files_per_s_per_worker"],
+            "dcm2niix_seconds": ref["seconds"], "dcm2niix_series_per_s": ref["series_per_s"],
+            "dcm2niix_files_per_s": ref["files_per_s"], "ratio_ours_vs_dcm2niix": proj["ratio_ours_vs_dcm2niix"],
+            "rsna_series": RSNA_SERIES, "rsna_files": RSNA_FILES, "cores": CORES,
+            "rsna_hours_on_4_cores": proj["rsna_hours_on_4_cores"]}
+
+
 def targets(rows: list[dict]) -> list[str]:
     ours = next(r for r in rows if r["name"] == "ours, 1 worker")
     two = next(r for r in rows if r["name"] == "ours, 2 workers")
     proj = next(r for r in rows if r["name"] == "projection")
-    return [f"INFO: conversion of {ours['slice']} DICOM series: {ours['series_per_s']:.3g} series/s "
+    return [(f"INFO: conversion of {ours['slice']} DICOM series: {ours['series_per_s']:.3g} series/s "
             f"({ours['files_per_s']:.0f} files/s) per worker, {two['files_per_s'] / ours['files_per_s']:.2f}x with 2 workers; "
             f"{proj['ratio_ours_vs_dcm2niix']:.2f}x dcm2niix's speed on the same series; the RSNA training set "
-            f"({RSNA_SERIES:,} series, {RSNA_FILES:,} files) projected at {proj['rsna_hours_on_4_cores']:.1f} h on {CORES} cores"]
+            f"({RSNA_SERIES:,} series, {RSNA_FILES:,} files) projected at {proj['rsna_hours_on_4_cores']:.1f} h on {CORES} cores "
+             "(linear scaling assumed)")]

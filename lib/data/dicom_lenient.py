@@ -9,11 +9,13 @@ the best volume that is honestly there and say what was done. :func:`assemble`:
   gets 1 mm and axial, flagged ``assumed_geometry``;
 - keeps the majority geometry (rows, columns, orientation, pixel spacing): scouts and localizers with
   another size or orientation are dropped; then blank (constant) images and images whose pixel data
-  cannot be decoded;
+  cannot be decoded (one file decoded at a time: memory stays at one file plus the volume);
 - duplicate slice positions: the first image per position (lowest InstanceNumber) is kept;
 - every image at one position: refused (:class:`DicomSeriesError`);
 - uneven gaps: resampled along the normal onto the median gap (linear between neighbouring slices).
 
+Everything dropped is summed up in one note, e.g. ``dropped 3 of 11 files: 1 scout (32x32, coronal;
+kept 24x24, axial), 1 damaged (x.dcm: ...), 1 blank``; resampling and assumed geometry get their own.
 Geometry as :mod:`lib.data.dicom` (its docstring); the result is RAS (:func:`lib.data.io.as_ras`).
 """
 
@@ -60,6 +62,7 @@ class Series:
     modality: str
     notes: list[str] = field(default_factory=list)
     assumed_geometry: bool = False
+    dropped: Counter = field(default_factory=Counter)  # images dropped, by reason (scout, blank, ...)
 
 
 def _floats(value, n: int) -> np.ndarray | None:
@@ -96,69 +99,75 @@ def _frames(path: Path, ds) -> list[Frame]:
     return out
 
 
-def _describe(frames: list[Frame]) -> str:
-    f = frames[0]
+def _describe(f: Frame) -> str:
     normal = np.abs(np.cross(f.orientation[:3], f.orientation[3:]))
-    plane = ("sagittal", "coronal", "axial")[int(np.argmax(normal))]
-    return f"{f.rows}x{f.columns} {plane}"
+    return f"{f.rows}x{f.columns}, {('sagittal', 'coronal', 'axial')[int(np.argmax(normal))]}"
 
 
-def _majority(frames: list[Frame], notes: list[str]) -> list[Frame]:
-    key = lambda f: (f.rows, f.columns, tuple(np.round(f.orientation, 3)), tuple(np.round(f.spacing, 3)))  # noqa: E731
-    counts = Counter(key(f) for f in frames)
-    best = counts.most_common(1)[0][0]
-    dropped = [f for f in frames if key(f) != best]
-    if dropped:
-        groups = Counter(_describe([f]) for f in dropped)
-        notes.append(f"dropped {len(dropped)} image(s) of another geometry (scout/localizer: "
-                     + ", ".join(f"{n} {g}" for g, n in groups.items()) + f"; kept {_describe(frames)})")
-    return [f for f in frames if key(f) == best]
+def _majority(frames: list[Frame], drops: list[tuple[str, int, str]]) -> list[Frame]:
+    def key(f: Frame) -> tuple:
+        return f.rows, f.columns, tuple(np.round(f.orientation, 3)), tuple(np.round(f.spacing, 3))
+
+    best = Counter(key(f) for f in frames).most_common(1)[0][0]
+    kept = [f for f in frames if key(f) == best]
+    groups = Counter(_describe(f) + (f", {f.spacing[0]:.3g} mm" if _describe(f) == _describe(kept[0]) else "")
+                     for f in frames if key(f) != best)
+    for i, (what, n) in enumerate(groups.items()):
+        last = i == len(groups) - 1
+        drops.append(("scout", n, what + (f"; kept {_describe(kept[0])}" if last else "")))
+    return kept
 
 
-def _decode(frames: list[Frame], notes: list[str]) -> tuple[list[Frame], list[np.ndarray]]:
-    import pydicom
+def _values(f: Frame, ds, arr: np.ndarray) -> np.ndarray:
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_modality_lut
 
-    kept, pixels, cache, bad, blank, first_error = [], [], {}, [], 0, ""
+    img = arr[f.frame] if f.frame is not None and arr.ndim == 3 else arr  # a 1-frame file decodes to 2D
+    if f.rescale is None:
+        return np.asarray(apply_modality_lut(img, ds), np.float32)
+    tags = Dataset()
+    tags.RescaleSlope, tags.RescaleIntercept = f.rescale
+    return np.asarray(apply_modality_lut(img, tags), np.float32)
+
+
+def _decode(frames: list[Frame], drops: list[tuple[str, int, str]]) -> tuple[list[Frame], np.ndarray]:
+    """Pixels ``[k, r, c]`` of every frame that decodes and is not blank; one file open at a time (frames
+    come grouped by file), written into one preallocated array."""
+    import pydicom
+
+    kept, bad, blank, first_error = [], [], 0, ""
+    pixels = np.empty((len(frames), frames[0].rows, frames[0].columns), np.float32)
+    open_path, ds, arr = None, None, None
     for f in frames:
-        if f.path not in cache:
+        if f.path != open_path:
+            open_path, ds, arr = f.path, None, None
             try:
                 ds = pydicom.dcmread(f.path)
-                cache[f.path] = (ds, ds.pixel_array)
-            except Exception as e:  # truncated data, or a compressed transfer syntax without its decoder
-                cache[f.path] = None
-                first_error = first_error or f"{f.path.name}: {type(e).__name__}: {str(e)[:300]}"
-        if cache[f.path] is None:
-            bad.append(f.path.name)
+                arr = ds.pixel_array
+            except Exception as e:  # noqa: BLE001 (truncated data, or a compressed transfer syntax without its decoder)
+                first_error = first_error or f"{f.path.name}: {type(e).__name__}: {str(e)[:200]}"
+        if arr is None:
+            bad.append(f)
             continue
-        ds, arr = cache[f.path]
-        img = arr[f.frame] if f.frame is not None else arr
-        if f.rescale is not None:
-            tags = Dataset()
-            tags.RescaleSlope, tags.RescaleIntercept = f.rescale
-            values = apply_modality_lut(img, tags)
-        else:
-            values = apply_modality_lut(img, ds)
-        values = np.asarray(values, np.float32)
+        values = _values(f, ds, arr)
+        if values.shape != (f.rows, f.columns):
+            first_error = first_error or f"{f.path.name}: pixel array {values.shape}, not {f.rows}x{f.columns}"
+            bad.append(f)
+            continue
         if values.max() == values.min():
             blank += 1
             continue
+        pixels[len(kept)] = values
         kept.append(f)
-        pixels.append(values)
     if bad:
-        notes.append(f"dropped {len(set(bad))} file(s) whose pixel data could not be decoded (first: {first_error})")
+        drops.append(("damaged", len(bad), f"pixel data not decodable; first: {first_error}"))
     if blank:
-        notes.append(f"dropped {blank} blank image(s)")
-    return kept, pixels
+        drops.append(("blank", blank, ""))
+    return kept, pixels[:len(kept)]
 
 
-def _stack(frames: list[Frame], pixels: list[np.ndarray], notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``([k, r, c] pixels on an even grid, step vector)``; duplicates dropped, uneven gaps resampled."""
-    row, col = frames[0].orientation[:3], frames[0].orientation[3:]
-    normal = np.cross(row, col)
-    normal /= np.linalg.norm(normal)
-    d = np.array([f.position @ normal for f in frames])
+def _dedupe(frames: list[Frame], d: np.ndarray, drops: list[tuple[str, int, str]]) -> list[int]:
+    """Indices of the frames kept, sorted along the normal: the lowest InstanceNumber per position."""
     order = sorted(range(len(frames)), key=lambda i: (round(d[i], 2), frames[i].instance))
     keep, seen = [], set()
     for i in order:
@@ -166,49 +175,85 @@ def _stack(frames: list[Frame], pixels: list[np.ndarray], notes: list[str]) -> t
             seen.add(round(d[i], 2))
             keep.append(i)
     if len(keep) < len(order):
-        notes.append(f"dropped {len(order) - len(keep)} image(s) at duplicate slice positions")
+        drops.append(("at a duplicate position", len(order) - len(keep), ""))
     if len(keep) < 2:
         raise DicomSeriesError(f"all {len(order)} image(s) lie at one slice position: not a volume")
-    frames, stack, d = [frames[i] for i in keep], np.stack([pixels[i] for i in keep]), d[keep]
+    return keep
+
+
+def _stack(frames: list[Frame], pixels: np.ndarray, notes: list[str],
+           drops: list[tuple[str, int, str]]) -> tuple[np.ndarray, np.ndarray, Frame]:
+    """``([k, r, c] pixels on an even grid, step vector, first frame)``; duplicates dropped, uneven gaps
+    resampled."""
+    row, col = frames[0].orientation[:3], frames[0].orientation[3:]
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    d = np.array([f.position @ normal for f in frames])
+    keep = _dedupe(frames, d, drops)
+    same = keep == list(range(len(frames)))  # already in order: no copy
+    frames, stack, d = [frames[i] for i in keep], pixels if same else pixels[keep], d[keep]
     gaps = np.diff(d)
     typical = float(np.median(gaps))
     if np.all(np.abs(gaps - typical) <= SPACING_TOLERANCE * typical + ABS_TOL_MM):
-        return stack, (frames[-1].position - frames[0].position) / (len(frames) - 1)
+        return stack, (frames[-1].position - frames[0].position) / (len(frames) - 1), frames[0]
     targets = d[0] + typical * np.arange(int(np.floor((d[-1] - d[0]) / typical + 1e-6)) + 1)
     upper = np.clip(np.searchsorted(d, targets, side="right"), 1, len(d) - 1)
     w = ((targets - d[upper - 1]) / (d[upper] - d[upper - 1]))[:, None, None]
     notes.append(f"resampled: uneven slice gaps from {gaps.min():.3g} to {gaps.max():.3g} mm, now {len(targets)} "
                  f"slices {typical:.3g} mm apart (linear)")
-    return ((1 - w) * stack[upper - 1] + w * stack[upper]).astype(np.float32), normal * typical
+    return ((1 - w) * stack[upper - 1] + w * stack[upper]).astype(np.float32), normal * typical, frames[0]
+
+
+def _summary(drops: list[tuple[str, int, str]], total: int, unit: str) -> str:
+    """``dropped 3 of 11 files: 1 scout (32x32, coronal; kept 24x24, axial), 1 blank``."""
+    if not drops:
+        return ""
+    parts = [f"{n} {what}" + (f" ({detail})" if detail else "") for what, n, detail in drops]
+    return f"dropped {sum(n for _, n, _ in drops)} of {total} {unit}: " + ", ".join(parts)
+
+
+def _read_headers(files: list[Path], drops: list[tuple[str, int, str]]) -> tuple[list[Frame], str]:
+    import pydicom
+
+    frames, unreadable, modality = [], [], ""
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            frames += _frames(path, ds)
+            modality = modality or str(ds.get("Modality", ""))
+        except Exception:  # noqa: BLE001 (not DICOM, truncated header, no Rows/Columns: dropped, counted)
+            unreadable.append(path.name)
+    if unreadable:
+        drops.append(("unreadable", len(unreadable), ", ".join(unreadable[:3]) + (" ..." if len(unreadable) > 3 else "")))
+    return frames, modality
 
 
 def assemble(folder: Path) -> Series:
     """The series in ``folder`` as one RAS volume, with notes on everything dropped, resampled or assumed."""
-    import pydicom
-
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
-    frames, notes, unreadable, modality = [], [], [], ""
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            modality = modality or str(ds.get("Modality", ""))
-            frames += _frames(path, ds)
-        except Exception:
-            unreadable.append(path.name)
-    if unreadable:
-        notes.append(f"dropped {len(unreadable)} unreadable file(s) ({', '.join(unreadable[:3])})")
+    drops: list[tuple[str, int, str]] = []
+    frames, modality = _read_headers(files, drops)
+    multi = len({f.path for f in frames}) != len(frames)
+    total, unit = (len(frames) + sum(n for _, n, _ in drops), "images") if multi else (len(files), "files")
     if not frames:
         raise DicomSeriesError(f"no readable image in {len(files)} file(s)")
-    kept, pixels = _decode(_majority(frames, notes), notes)
+    kept, pixels = _decode(_majority(frames, drops), drops)
     if not kept:
-        raise DicomSeriesError("no image left: " + "; ".join(notes))
-    stack, step = _stack(kept, pixels, notes)
-    f0 = min(kept, key=lambda f: f.position @ np.cross(f.orientation[:3], f.orientation[3:]))
+        raise DicomSeriesError("no image left: " + _summary(drops, total, unit))
+    notes: list[str] = []
+    try:
+        stack, step, f0 = _stack(kept, pixels, notes, drops)
+    except DicomSeriesError as e:
+        raise DicomSeriesError("; ".join([str(e), _summary(drops, total, unit)]).strip("; ")) from None
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1] = f0.orientation[:3] * f0.spacing[1], f0.orientation[3:] * f0.spacing[0]
     lps[:3, 2], lps[:3, 3] = step, f0.position
     assumed = any(f.assumed for f in kept)
     if assumed:
-        notes.append("assumed geometry: PixelSpacing and/or ImageOrientationPatient missing (1 mm, axial used)")
+        notes.append("ASSUMED GEOMETRY: PixelSpacing and/or ImageOrientationPatient missing (1 mm, axial used)")
+    notes = [s for s in [_summary(drops, total, unit)] if s] + notes
     array, affine = as_ras(stack.transpose(2, 1, 0)[None], _LPS_TO_RAS @ lps)
-    return Series(np.ascontiguousarray(array), affine, frames, modality, notes, assumed)
+    dropped = Counter()
+    for what, n, _ in drops:
+        dropped[what] += n
+    return Series(np.ascontiguousarray(array), affine, frames, modality, notes, assumed, dropped)

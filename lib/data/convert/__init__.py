@@ -33,6 +33,7 @@ import time
 import traceback
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -258,6 +259,8 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
         tables.index = [r for r in tables.index if r["source"] not in redo]
         tables.labels = [r for r in tables.labels if r["image_id"] not in gone]
         tables.points = [r for r in tables.points if r["image_id"] not in gone]
+    mine_sources = {it.source for it in mine}  # this run reports each of its items once, afresh
+    tables.report = [r for r in tables.report if r["source"] not in mine_sources]
     first_new = len(tables.report)
     tables.report += [{"source": it.source, "status": "skipped", "reason": _skip_reason(out, it.source)}
                       for it in mine if it.source in done]
@@ -272,6 +275,9 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
             bar.update()
             if k % FLUSH_EVERY == 0:
                 tables.write(part)
+    except BrokenProcessPool as e:  # a worker killed (out of memory?): keep what is done, say how to go on
+        raise RuntimeError(f"a conversion worker died ({e}); {len(tables.index)} image(s) are kept in {part}. "
+                           "Run the same command again (it resumes), with fewer --workers if memory ran out") from e
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)

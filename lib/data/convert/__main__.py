@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = convert.run(args.dataset, src, out, workers=args.workers, shard=args.shard, limit=args.limit,
                               options=options, progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

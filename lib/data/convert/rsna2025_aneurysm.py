@@ -4,15 +4,20 @@ One item per series: every folder under ``series/`` and every ``train.csv`` row 
 refused). Subject = SeriesInstanceUID (one series per patient); split seeded by subject (the competition
 defines none). A series folder is assembled leniently (:func:`lib.data.dicom_lenient.assemble`: majority
 geometry, blank, damaged and duplicate images dropped, uneven gaps resampled, missing multi-frame
-geometry assumed and flagged; every such step is in the report's reason) and written as
-``images/<uid>.nii.gz`` in RAS: CT (``CTA``) in HU as int16, MR (``MRA``, ``MRI T2``, ``MRI T1post``)
-as stored (modality ``MRI``; ``sequence`` keeps train.csv's Modality).
+geometry assumed and flagged; every such step is in the report's reason, e.g. ``dropped 2 of 10 files:
+1 scout (32x32, coronal; kept 24x24, axial), 1 blank``) and written as ``images/<uid>.nii.gz`` in RAS:
+CT (``CTA``) in HU as int16 (rounded after any resampling), MR (``MRA``, ``MRI T2``, ``MRI T1post``) as
+stored (int16 where integral, else float32; modality ``MRI``; ``sequence`` keeps train.csv's Modality).
+Index extras: ``mask_path``, ``assumed_geometry`` (1: spacing/orientation assumed, 1 mm axial: treat
+with care), ``dropped_images``. ``--modalities CTA,MRA`` refuses the other series as ``filtered`` (they
+stay items, so every subject keeps its split whatever the filter).
 
 - ``labels.csv``: the 13 locations then ``Aneurysm Present``, in the competition's order (:data:`LABELS`),
   then ``PatientAge``, ``PatientSex``.
 - ``points.csv``: each localizer of ``train_localizers.csv`` (``{'x': column, 'y': row}`` on its SOP, plus
   ``'f'``, the 0-based frame of a multi-frame file), mapped through that image's own geometry to RAS mm and
-  to the voxel of the written image; a localizer whose SOP is not in the series is left out (noted).
+  to the voxel of the written image (``inside``: 0 where that voxel is outside it, e.g. on a dropped end
+  slice); a localizer whose SOP (or frame) is not in the series is left out (noted).
 - ``mask_path``: the Circle of Willis labels (``segmentations/<uid>_cowseg.nii``, flat or in a
   ``<uid>/`` folder), reoriented and resampled (nearest neighbour, through both affines) onto the image.
 """
@@ -29,7 +34,7 @@ import pandas as pd
 from lib.data.convert import Item, Output, Refused
 from lib.data.prepared import write_image
 
-NAME, VERSION, MARKER = "rsna2025_aneurysm", "1", "train.csv"
+NAME, VERSION, MARKER = "rsna2025_aneurysm", "2", "train.csv"
 SPLIT_SEED, SPLIT_FRACTIONS = 0, (0.8, 0.1, 0.1)
 LABELS = ["Left Infraclinoid Internal Carotid Artery", "Right Infraclinoid Internal Carotid Artery",
           "Left Supraclinoid Internal Carotid Artery", "Right Supraclinoid Internal Carotid Artery",
@@ -94,29 +99,44 @@ def _resample_labels(path: Path, shape: tuple, affine: np.ndarray) -> np.ndarray
     return ndimage.affine_transform(labels, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=0, cval=0)
 
 
-def _points(series, localizers: list[dict], affine: np.ndarray, uid: str) -> tuple[list[dict], list[str]]:
-    by_sop = {}
+def _frame_of(by_sop: dict, sop: str, frame: int | None) -> tuple[object, str]:
+    """The annotated image (a single-frame file, or frame ``frame`` of a multi-frame one), or why there is none."""
+    frames = by_sop.get(sop)
+    if not frames:
+        return None, f"SOP {sop} absent from the series"
+    if None in frames:  # a single-frame file: an 'f' key, if any, has nothing to choose
+        return frames[None], ""
+    if frame is None:
+        return None, f"SOP {sop} is a multi-frame file ({len(frames)} frames) but the localizer has no 'f'"
+    if frame not in frames:
+        return None, f"SOP {sop} has no frame {frame} (0-based; {len(frames)} frames)"
+    return frames[frame], ""
+
+
+def _points(series, localizers: list[dict], affine: np.ndarray, shape: tuple, uid: str) -> tuple[list[dict], list[str]]:
+    """points.csv rows (``inside``: the voxel lies in the image) and notes on the localizers left out."""
+    by_sop: dict[str, dict] = {}
     for f in series.frames:
-        by_sop.setdefault((f.sop, f.frame), f)
+        by_sop.setdefault(f.sop, {}).setdefault(f.frame, f)
     points, notes = [], []
     for loc in localizers:
         try:
             c = ast.literal_eval(loc["coordinates"])
             col, row, frame = float(c["x"]), float(c["y"]), (int(c["f"]) if "f" in c else None)
         except (ValueError, SyntaxError, KeyError, TypeError):
-            notes.append(f"localizer {loc['SOPInstanceUID']}: unreadable coordinates {loc['coordinates']!r}")
+            notes.append(f"localizer {loc['SOPInstanceUID']}: unreadable coordinates {loc['coordinates']!r}: left out")
             continue
-        f = by_sop.get((loc["SOPInstanceUID"], frame)) or by_sop.get((loc["SOPInstanceUID"], None))
+        f, why = _frame_of(by_sop, loc["SOPInstanceUID"], frame)
         if f is None:
-            notes.append(f"localizer on SOP {loc['SOPInstanceUID']}{f' frame {frame}' if frame is not None else ''} "
-                         "absent from the series: left out")
+            notes.append(f"localizer ({loc['location']}) on {why}: left out")
             continue
         lps = f.world(row, col)
         ras = np.array([-lps[0], -lps[1], lps[2]])
         ijk = np.round(np.linalg.solve(affine, [*ras, 1.0])[:3]).astype(int)
         points.append({"image_id": uid, "label": loc["location"], "x": round(float(ras[0]), 3),
                        "y": round(float(ras[1]), 3), "z": round(float(ras[2]), 3), "i": int(ijk[0]), "j": int(ijk[1]),
-                       "k": int(ijk[2]), "sop": loc["SOPInstanceUID"], "frame": "" if frame is None else frame})
+                       "k": int(ijk[2]), "sop": loc["SOPInstanceUID"], "frame": "" if frame is None else frame,
+                       "inside": int(bool(np.all(ijk >= 0) and np.all(ijk < np.array(shape[:3]))))})
     return points, notes
 
 
@@ -138,14 +158,14 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     modality = MODALITIES.get(sequence, "CT" if series.modality == "CT" else "MRI")
     array = series.array[0]
     integral = bool(np.all(np.mod(array, 1) == 0)) and array.min() >= -32768 and array.max() <= 32767
-    fields = write_image(out, f"images/{uid}.nii.gz", array, series.affine, dtype=np.int16 if integral else np.float32,
-                         spacing=options.get("spacing"))
+    dtype = np.int16 if modality == "CT" or integral else np.float32  # CT: HU, rounded after any resampling
+    fields = write_image(out, f"images/{uid}.nii.gz", array, series.affine, dtype=dtype, spacing=options.get("spacing"))
     import nibabel as nib
 
     written = nib.load(out / fields["path"])
-    points, notes = _points(series, item.payload["localizers"], written.affine, uid)
+    points, notes = _points(series, item.payload["localizers"], written.affine, written.shape, uid)
     image = {"image_id": uid, "modality": modality, "sequence": sequence, **fields, "mask_path": "",
-             "assumed_geometry": int(series.assumed_geometry)}
+             "assumed_geometry": int(series.assumed_geometry), "dropped_images": sum(series.dropped.values())}
     seg = _segmentation(src, uid)
     if seg is not None:
         labels = _resample_labels(seg, written.shape[:3], written.affine)
