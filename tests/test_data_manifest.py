@@ -141,6 +141,10 @@ def test_verify_cli_exit_status(tmp_path, monkeypatch, capsys):
     demo.build(tmp_path / "smoke", "smoke", progress=False)
     for part in ("smoke_cohort", "smoke_cxr_pairs"):
         assert manifest.main(["verify", "--dataset", part]) == 0
+    # the prepared-dataset tables are there but not checksummed (index.csv holds gzip bytes' sha256)
+    assert all((tmp_path / "smoke" / name).is_file() for name in manifest.FORMAT_TABLES)
+    listed = {r["path"].split("/", 1)[1] for r in manifest.rows_for_cohort(tmp_path / "smoke", "smoke")}
+    assert not listed & set(manifest.FORMAT_TABLES) and {"subjects.csv", "cxr_pairs/pairs.csv"} <= listed
 
 
 def _fake_kaggle(tmp_path):

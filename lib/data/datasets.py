@@ -18,6 +18,7 @@ superior→inferior (radiographs), and the patient's right is on the image's lef
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -41,6 +42,7 @@ MODALITIES = ("MRI", "CT")
 # --------------------------------------------------------------------------- the cohort, through the format
 
 FACT_COLUMNS = ("aneurysm", "aneurysm_radius_mm", "aneurysm_voxel", "emboli", "enhancement_hu")
+Cohort = str | os.PathLike | PreparedDataset  # a prepared dataset's folder, or the dataset itself
 
 
 @functools.lru_cache(maxsize=16)
@@ -48,8 +50,11 @@ def _open(root: str, stamp: int) -> PreparedDataset:
     return open_dataset(root, check_files=False)
 
 
-def cohort(root: str | os.PathLike) -> PreparedDataset:
-    """The cohort folder as a :class:`~lib.data.prepared.PreparedDataset` (read once per version of its index)."""
+def cohort(root: Cohort) -> PreparedDataset:
+    """The cohort as a :class:`~lib.data.prepared.PreparedDataset`: ``root`` itself if it is one, else its
+    folder opened through the format (once per version of its ``index.csv``)."""
+    if isinstance(root, PreparedDataset):
+        return root
     index = Path(root) / "index.csv"
     if not index.is_file():
         raise FileNotFoundError(f"{root}: no prepared cohort here (no index.csv; build one: "
@@ -57,24 +62,20 @@ def cohort(root: str | os.PathLike) -> PreparedDataset:
     return _open(str(Path(root)), index.stat().st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=16)
-def _files(root: str, stamp: int) -> dict[tuple[str, str, str], Path]:
-    ds = _open(root, stamp)
-    return {(d, s, q): ds.root / p for d, s, q, p in zip(ds.index["dataset"], ds.index["subject"], ds.index["sequence"],
-                                                         ds.index["path"])}
-
-
-def image_file(root: str | os.PathLike, dataset: str, subject: str, sequence: str) -> Path:
+def image_file(root: Cohort, dataset: str, subject: str, sequence: str) -> Path:
     """The file of one image of the cohort (e.g. ``"chest_ct", "sub-000", "contrast"``), from its index."""
-    cohort(root)
-    files = _files(str(Path(root)), (Path(root) / "index.csv").stat().st_mtime_ns)
+    ds = cohort(root)
+    files = ds.__dict__.get("_by_name")  # (dataset, subject, sequence) -> file, built once per opened dataset
+    if files is None:
+        files = ds.__dict__["_by_name"] = {(d, s, q): ds.root / p for d, s, q, p in zip(
+            ds.index["dataset"], ds.index["subject"], ds.index["sequence"], ds.index["path"])}
     try:
         return files[dataset, subject, sequence]
     except KeyError:
-        raise KeyError(f"{root}: no {dataset} image {sequence!r} of {subject!r} in index.csv") from None
+        raise KeyError(f"{ds.root}: no {dataset} image {sequence!r} of {subject!r} in index.csv") from None
 
 
-def subjects(root: str | os.PathLike, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
+def subjects(root: Cohort, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
     """One row per subject of the cohort (optionally one dataset and one split), in index order: ``dataset,
     subject, split`` and the subject's facts from ``labels.csv`` (aneurysm, its voxel, emboli, ...)."""
     ds = cohort(root)
@@ -92,14 +93,12 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
     pandas would have read the CSV itself."""
     out = table.copy()
     for c in out.columns:
-        try:
+        with contextlib.suppress(ValueError, TypeError):
             out[c] = pd.to_numeric(out[c])
-        except (ValueError, TypeError):
-            pass
     return out
 
 
-def volume_files(root: str | os.PathLike, modality: str, split: str | None = None) -> list[Path]:
+def volume_files(root: Cohort, modality: str, split: str | None = None) -> list[Path]:
     """Volumes of one modality for pre-training: MRI = every contrast of ``brain_mri``, CT = ``head_ct``."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -238,19 +237,19 @@ class SeriesPairs(Dataset):
     whole series.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, frames: int | None, size: int, *, random_start: bool = False,
+    def __init__(self, root: Cohort, split: str, frames: int | None, size: int, *, random_start: bool = False,
                  cache: ArrayCache | None = None, source: str = "noncontrast", target: str = "contrast"):
-        self.root, self.frames, self.size, self.random_start, self.cache = Path(root), frames, size, random_start, cache
-        self.subjects = list(subjects(root, "chest_ct", split)["subject"])
+        self.cohort, self.frames, self.size, self.random_start, self.cache = cohort(root), frames, size, random_start, cache
+        self.subjects = list(subjects(self.cohort, "chest_ct", split)["subject"])
         self.names = (source, target)
         if not self.subjects:
-            raise ValueError(f"no chest_ct subjects in split {split!r} of {root}")
+            raise ValueError(f"no chest_ct subjects in split {split!r} of {self.cohort.root}")
 
     def __len__(self) -> int:
         return len(self.subjects)
 
     def _stack(self, subject: str, name: str) -> np.ndarray:
-        path = image_file(self.root, "chest_ct", subject, name)
+        path = image_file(self.cohort, "chest_ct", subject, name)
 
         def compute():
             v = load_volume(path, channels=(1,))
@@ -276,7 +275,7 @@ class SeriesPairs(Dataset):
         (as ``__getitem__`` returns it; index order frame, row, column), for NIfTI export with
         :func:`lib.data.io.save_volume`. Inverts :func:`axial_frames` and the in-plane resize (pixel
         centres, ``align_corners=False``)."""
-        v = load_volume(image_file(self.root, "chest_ct", subject, self.names[0]), channels=(1,))
+        v = load_volume(image_file(self.cohort, "chest_ct", subject, self.names[0]), channels=(1,))
         nx, ny, nz = v.spatial_shape
         sx, sy = nx / self.size, ny / self.size
         # frame f, row r, column c <- source voxel (nx-1-c', ny-1-r', nz-1-start-f), c' = (c + 0.5) sx - 0.5
@@ -290,15 +289,16 @@ class SeriesPairs(Dataset):
 class CXRPairs(Dataset):
     """Longitudinal radiograph pairs: ``baseline``, ``followup``, ``change`` each ``[1, S, S]``."""
 
-    def __init__(self, root: str | os.PathLike, split: str, size: int | None = None):
-        self.root, self.size = Path(root), size
+    def __init__(self, root: Cohort, split: str, size: int | None = None):
+        self.cohort, self.size = cohort(root), size
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
-        ds = cohort(root)
+        ds = self.cohort
         self.pairs = _typed(ds.pairs[ds.pairs["split"] == split].reset_index(drop=True))
         if self.pairs.empty:
-            raise ValueError(f"no CXR pairs in split {split!r} of {root}")
+            raise ValueError(f"no CXR pairs in split {split!r} of {self.cohort.root}")
         self.paths = {i: ds.root / p for i, p in zip(ds.index["image_id"], ds.index["path"])}
+        self.paths.update({p: ds.root / p for p in self.pairs["target_path"]})
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -307,7 +307,7 @@ class CXRPairs(Dataset):
         row = self.pairs.iloc[i]
         item = {"pair": row["pair"], "nuisance_only": bool(int(row["nuisance_only"]))}
         for name, path in (("baseline", self.paths[row["a"]]), ("followup", self.paths[row["b"]]),
-                           ("change", self.root / row["target_path"])):
+                           ("change", self.paths[row["target_path"]])):
             x = torch.from_numpy(np.load(path))[None]
             item[name] = x if self.size is None else resize(x, (self.size, self.size))
         return item
@@ -321,24 +321,24 @@ class DRRVolumes(Dataset):
     ``[1, D, D, D]`` with HU mapped linearly from ``hu_range`` to [0, 1] (clipped).
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, angles: Sequence[float] = (0.0, 90.0), image_size: int = 64,
+    def __init__(self, root: Cohort, split: str, angles: Sequence[float] = (0.0, 90.0), image_size: int = 64,
                  volume_size: int = 32, hu_range: tuple[float, float] = (-1000.0, 1000.0), cache: ArrayCache | None = None):
         if not angles:
             raise ValueError("DRRVolumes needs at least one view angle")
-        self.root, self.angles, self.image_size, self.volume_size = Path(root), tuple(float(a) for a in angles), image_size, volume_size
+        self.cohort, self.angles, self.image_size, self.volume_size = cohort(root), tuple(float(a) for a in angles), image_size, volume_size
         self.hu_range, self.cache = hu_range, cache
-        self.subjects = list(subjects(root, "chest_ct", split)["subject"])
+        self.subjects = list(subjects(self.cohort, "chest_ct", split)["subject"])
         if not self.subjects:
-            raise ValueError(f"no chest_ct subjects in split {split!r} of {root}")
+            raise ValueError(f"no chest_ct subjects in split {split!r} of {self.cohort.root}")
 
     def __len__(self) -> int:
         return len(self.subjects)
 
     def ct_path(self, subject: str) -> Path:
-        return image_file(self.root, "chest_ct", subject, "noncontrast")
+        return image_file(self.cohort, "chest_ct", subject, "noncontrast")
 
     def drr_path(self, subject: str, view: str) -> Path:
-        return image_file(self.root, "drr", subject, view)
+        return image_file(self.cohort, "drr", subject, view)
 
     def _view(self, subject: str, angle: float) -> np.ndarray:
         stored = {0.0: "frontal", 90.0: "lateral"}.get(angle % 360)
@@ -400,7 +400,7 @@ class DRRVolumes(Dataset):
 
 # --------------------------------------------------------------------------- preparation and throughput
 
-def prepare_all(root: str | os.PathLike, cache: ArrayCache, spacing: float | None, prep_size: int) -> pd.DataFrame:
+def prepare_all(root: Cohort, cache: ArrayCache, spacing: float | None, prep_size: int) -> pd.DataFrame:
     """Preprocess every MRI and CT volume of a cohort into the cache; one row per modality and split."""
     import time
 

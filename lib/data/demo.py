@@ -19,7 +19,8 @@ The cohort is a prepared dataset (``lib/data/dataset_format.md``): :func:`write_
 (modality MRI for brain_mri, CT for head_ct and chest_ct, XR for DRRs and CXR images), puts the subject
 facts into ``labels.csv``, the aneurysm centres into ``points.csv`` and the CXR pairs into ``pairs.csv``;
 readers (:mod:`lib.data.datasets`) find every file and fact through it. ``subjects.csv`` and
-``cxr_pairs/pairs.csv`` stay as the generator's own record (``data_manifest.csv`` checksums them).
+``cxr_pairs/pairs.csv`` stay as the generator's own record (``data_manifest.csv`` checksums them); no
+reader uses them. Index rows run in the order readers have always listed files (subjects.csv order).
 
 Aneurysm-like blobs (the downstream task of pre-training) sit on the vessel tree of about half of the
 MRA and head CT subjects. The CXR change map is ``DRR(follow-up CT) - DRR(baseline CT)`` in the
@@ -41,12 +42,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from lib.data import drr, phantoms as ph
-from lib.data.demo_format import IMAGES, write_format
+from lib.data.demo_format import IMAGES, format_current, writable_cohort, write_format
+
+if TYPE_CHECKING:
+    from lib.data.prepared import PreparedDataset
 
 CHANGE_FLOOR = 0.005     # |change| below this (in radiograph units) is not a change
 MIN_COMPONENT_PX = 4     # smaller connected components of the change map are dropped
@@ -312,7 +317,8 @@ def cohort_dir(size: str) -> Path:
 
 
 def ensure(size: str, rebuild: bool = False, progress: bool = True) -> tuple[Path, dict]:
-    """The cohort of ``size``, built if missing, damaged or ``rebuild``; always verified.
+    """The cohort of ``size``, built if missing, damaged or ``rebuild``; always verified; indexed (the format's
+    tables, :func:`lib.data.demo_format.write_format`) if it lacks them or an older version wrote them.
 
     Returns its folder and a report (``built``, seconds, files checked). Raises ``RuntimeError`` with the
     mismatching files if a build does not reproduce the manifest's checksums.
@@ -331,14 +337,16 @@ def ensure(size: str, rebuild: bool = False, progress: bool = True) -> tuple[Pat
     if problems:
         raise RuntimeError(f"the {size} cohort in {out} does not match data_manifest.csv "
                            f"({len(problems)} file(s)):\n  " + "\n  ".join(problems[:10]))
-    if not built:  # a verified cohort: (re)index it, e.g. one built before the format existed
-        write_format(out, size)
+    if not built and not format_current(out):  # verified, but indexed by no or another version: (re)index it
+        out = writable_cohort(out, size)
+        if not format_current(out):
+            write_format(out, size)
     n = int((manifest.load_manifest()["source"] == f"builtin:{size}").sum())
     return out, {"cohort": size, "path": str(out), "built": built, "files_verified": n,
                  "seconds": round(time.monotonic() - t0, 1)}
 
 
-def summary(root: str | Path) -> "pd.DataFrame":
+def summary(root: str | Path | PreparedDataset) -> "pd.DataFrame":
     """Subjects (and CXR pairs) per dataset and split, from the cohort's index."""
     import pandas as pd
 
@@ -352,33 +360,29 @@ def summary(root: str | Path) -> "pd.DataFrame":
     return table.reindex(columns=[s for s, _ in SPLITS]).assign(total=lambda t: t.sum(axis=1))
 
 
-def examples(root: str | Path, subject: str = "sub-000", pair: str | None = None) -> dict[str, np.ndarray]:
+def examples(root: str | Path | PreparedDataset, subject: str = "sub-000", pair: str | None = None) -> dict[str, np.ndarray]:
     """One 2D view of every kind of image in the cohort, titled, for a gallery figure."""
     import nibabel as nib
 
-    from lib.data.transforms import WINDOWS, window
-    from lib.data.transforms import oriented_slice
-
-    root = Path(root)
+    from lib.data.datasets import cohort, image_file
+    from lib.data.transforms import WINDOWS, oriented_slice, window
 
     def mid(path, axis=2, fraction=0.5):
         v = np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
         return oriented_slice(v, axis, int(v.shape[axis] * fraction))
 
-    from lib.data.datasets import cohort, image_file
-
-    out = {f"MRI {n.upper()}": mid(image_file(root, "brain_mri", subject, n)) for n in ("t1", "t2", "mra")}
-    ct = mid(image_file(root, "head_ct", subject, "ct"), fraction=0.35)
+    ds = cohort(root)
+    out = {f"MRI {n.upper()}": mid(image_file(ds, "brain_mri", subject, n)) for n in ("t1", "t2", "mra")}
+    ct = mid(image_file(ds, "head_ct", subject, "ct"), fraction=0.35)
     for name in ("brain", "subdural", "bone"):
         out[f"head CT, {name} window"] = window(ct, *WINDOWS[name])
     for name in ("noncontrast", "contrast"):
-        out[f"chest CT {name}"] = window(mid(image_file(root, "chest_ct", subject, name), fraction=0.6), *WINDOWS["diffusion"])
+        out[f"chest CT {name}"] = window(mid(image_file(ds, "chest_ct", subject, name), fraction=0.6), *WINDOWS["diffusion"])
     for name in ("frontal", "lateral"):
-        out[f"DRR {name}"] = np.load(image_file(root, "drr", subject, name))
-    ds = cohort(root)
+        out[f"DRR {name}"] = np.load(image_file(ds, "drr", subject, name))
     row = ds.pairs.iloc[0] if pair is None else ds.pairs.set_index("pair").loc[pair].rename(pair)
     pair = row["pair"] if pair is None else pair
-    for name, path in (("baseline", ds.file(row["a"])), ("followup", ds.file(row["b"])), ("change", root / row["target_path"])):
+    for name, path in (("baseline", ds.file(row["a"])), ("followup", ds.file(row["b"])), ("change", ds.root / row["target_path"])):
         out[f"CXR {name} ({pair})"] = np.load(path)
     return out
 

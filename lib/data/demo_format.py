@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 FORMAT_FILES = ("dataset.json", "index.csv", "labels.csv", "points.csv", "pairs.csv", "report.csv")
+VERSION = "lib.data.demo v2"  # converter_version of dataset.json: a cohort indexed by another version is re-indexed
 IMAGES = {"brain_mri": (("t1", "MRI"), ("t2", "MRI"), ("mra", "MRI")), "head_ct": (("ct", "CT"),),
           "chest_ct": (("noncontrast", "CT"), ("contrast", "CT"))}
 FACTS = {"mra": ("aneurysm", "aneurysm_radius_mm", "aneurysm_voxel"), "ct": ("aneurysm", "aneurysm_radius_mm", "aneurysm_voxel"),
@@ -51,10 +52,12 @@ def _format_rows(out: Path, size: str) -> dict[str, list[dict]]:
     for s in subjects[subjects["dataset"] == "chest_ct"].to_dict("records"):
         for view in ("frontal", "lateral"):
             add(f"drr/{s['subject']}/{view}", s["subject"], "drr", "XR", view, s["split"], f"drr/{s['subject']}/{view}.npy")
+        rows["report"].append({"source": f"drr/{s['subject']}", "status": "converted", "reason": "generated"})
     for p in pairs.to_dict("records"):
         for name in ("baseline", "followup"):
             add(f"cxr_pairs/{p['pair']}/{name}", p["subject"], "cxr_pairs", "XR", name, p["split"],
                 f"cxr_pairs/{p['pair']}/{name}.npy")
+        rows["report"].append({"source": f"cxr_pairs/{p['pair']}", "status": "converted", "reason": "generated"})
         rows["pairs"].append({"pair": p["pair"], "subject": p["subject"], "split": p["split"],
                               "a": f"cxr_pairs/{p['pair']}/baseline", "b": f"cxr_pairs/{p['pair']}/followup",
                               "target_path": f"cxr_pairs/{p['pair']}/change.npy",
@@ -76,8 +79,41 @@ def write_format(out: str | Path, size: str) -> Path:
         prepared.write_table(out, f"{name}.csv", table, columns[name])
     prepared.write_info(out, {
         "name": size, "source": f"builtin:{size}", "licence": _COHORT_LICENCE, "converter": "lib.data.demo",
-        "converter_version": "lib.data.demo v1", "description": "the built-in synthetic cohort (lib/data/demo.py)",
+        "converter_version": VERSION, "description": "the built-in synthetic cohort (lib/data/demo.py)",
         "channels": {"MRI": ["intensity"], "CT": ["brain", "subdural", "bone"], "XR": ["line integral"]},
         "labels": {"labels.csv": sorted({k for v in FACTS.values() for k in v}), "mask_path": {"0": "background", "1": "aneurysm"},
                    "points.csv": {"label": "aneurysm centre"}, "pairs.csv": {"target_path": "signed change map"}}})
     return out
+
+
+def format_current(out: str | Path) -> bool:
+    """Whether a cohort folder holds the format's files, written by this version, opening cleanly, every
+    indexed file present with the checksum of the index (else :func:`write_format` writes them again)."""
+    from lib.data import prepared
+
+    out = Path(out)
+    if not all((out / name).is_file() for name in FORMAT_FILES):
+        return False
+    try:
+        ds = prepared.open_dataset(out)
+    except prepared.DatasetFormatError:
+        return False
+    return ds.info.get("converter_version") == VERSION and not ds.verify_checksums()
+
+
+def writable_cohort(out: str | Path, size: str) -> Path:
+    """``out``, or for an attached (read-only) cohort its copy under the data root (copied unless one verifies
+    there already), so that :func:`write_format` can index it."""
+    import os
+    import shutil
+
+    from lib import paths
+    from lib.data import manifest
+
+    out = Path(out)
+    if os.access(out, os.W_OK):
+        return out
+    local = paths.data_dir() / size
+    if manifest.verify_cohort(local, size):
+        shutil.copytree(out, local, dirs_exist_ok=True)
+    return local

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib import metrics, runs
-from lib.data.datasets import AlternatingLoader, image_file, normalise_mri, subjects
+from lib.data.datasets import AlternatingLoader, Cohort, cohort, normalise_mri
 from lib.data.io import load_volume
 from lib.data.transforms import ct_windows
 from lib.models.waveformer import WaveFormer3D
@@ -59,26 +59,28 @@ def _patch(volume: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
     return volume[:, lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size]
 
 
-def blob_patches(root: str | Path, split: str, size: int, per_subject: int = 4, seed: int = DATA_SEED,
+def blob_patches(root: Cohort, split: str, size: int, per_subject: int = 4, seed: int = DATA_SEED,
                  with_centres: bool = False, jitter: int = 2, margin: float = 4.0) -> dict:
     """``{"CT": (x [N,3,s,s,s], y [N]), "MRI": (x [N,1,s,s,s], y [N])}`` for one split
     (``with_centres``: a third element, the list of (subject, centre voxel)).
 
     ``jitter``: positives sit up to this many voxels off the blob centre per axis; negatives lie more
-    than ``size / 2 + margin`` voxels from it (so no negative patch holds the blob)."""
-    root = Path(root)
-    out = {}
+    than ``size / 2 + margin`` voxels from it (so no negative patch holds the blob). Images and blob
+    centres come from the cohort's index and ``points.csv`` (label ``aneurysm``: voxel i, j, k)."""
+    ds, out = cohort(root), {}
+    points = ds.points[ds.points["label"] == "aneurysm"] if len(ds.points) else pd.DataFrame(columns=["image_id"])
+    centres = {r.image_id: np.array([int(r.i), int(r.j), int(r.k)]) for r in points.itertuples()}
     for modality, dataset, name in (("CT", "head_ct", "ct"), ("MRI", "brain_mri", "mra")):
         xs, ys, where = [], [], []
-        for _, s in subjects(root, dataset, split).iterrows():
+        for _, s in ds.images(split=split, dataset=dataset, sequence=name).iterrows():
             rng = np.random.default_rng([seed, 1 if dataset == "head_ct" else 2, int(s["subject"].split("-")[1])])
-            v = load_volume(image_file(root, dataset, s["subject"], name))
+            v = load_volume(s["file"])
             if modality == "CT":
                 array, vessels = ct_windows(v.array), v.array[0] > 150
             else:
                 array = normalise_mri(v.array)
                 vessels = array[0] > 0.6
-            blob = np.array([int(t) for t in str(s["aneurysm_voxel"]).split()]) if int(s["aneurysm"]) else None
+            blob = centres.get(s["image_id"])
             pos, neg = _centres(rng, vessels, blob, per_subject, size // 2, keep_away=size / 2 + margin, jitter=jitter)
             xs += [_patch(array, c, size) for c in pos + neg]
             ys += [1.0] * len(pos) + [0.0] * len(neg)
