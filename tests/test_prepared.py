@@ -14,6 +14,7 @@ import pytest
 
 from lib.data import convert as engine
 from lib.data import locate, prepared
+from lib.data.cache import sha256_of
 from lib.data.convert import Item, Output, Refused
 
 # --------------------------------------------------------------------------- a toy converter (this module is one)
@@ -149,7 +150,7 @@ def test_write_image_is_ras_and_keeps_world_positions(tmp_path):
         world = lps_like @ [*ijk, 1]
         i, j, k = np.round(np.linalg.inv(img.affine) @ world)[:3].astype(int)
         assert data[i, j, k] == pytest.approx(array[ijk])
-    assert fields["sha256"] == prepared.sha256_file(tmp_path / "a.nii.gz")
+    assert fields["sha256"] == sha256_of(tmp_path / "a.nii.gz")
     assert prepared.write_image(tmp_path, "a.nii.gz", array, lps_like) == fields  # same voxels, same bytes
 
 

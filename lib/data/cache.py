@@ -29,16 +29,21 @@ from lib.atomic import atomic_path, write_json
 CACHE_VERSION = 1
 
 
+def sha256_of(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read now (what a verification wants)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 (memo by design)
-    """SHA-256 of a file's bytes, remembered per (path, size, mtime) within the process."""
+    """:func:`sha256_of`, remembered per (path, size, mtime) within the process (cache keys)."""
     st = os.stat(path)
     token = (os.path.abspath(path), st.st_size, st.st_mtime_ns)  # abspath: no syscall (resolve() costs one per part)
     if token not in _memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _memo[token] = h.hexdigest()
+        _memo[token] = sha256_of(path)
     return _memo[token]
 
 

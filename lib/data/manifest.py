@@ -126,11 +126,9 @@ def checksum(path: str | os.PathLike) -> str:
         h = hashlib.sha256(repr(array.shape).encode())
         h.update(array.tobytes())
         return "array-sha256:" + h.hexdigest()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    from lib.data.cache import sha256_of
+
+    return "sha256:" + sha256_of(path)
 
 
 # --------------------------------------------------------------------------- the demo cohort's rows

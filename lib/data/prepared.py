@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from lib.data.cache import sha256_of
+
 FORMAT = "medimg-prepared/1"
 INDEX_COLUMNS = ("image_id", "subject", "dataset", "modality", "sequence", "split", "path", "shape", "spacing_mm",
                  "sha256", "source")
@@ -49,14 +51,6 @@ class DatasetFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------- writing
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def fmt_tuple(values: Iterable[float], digits: int = 4) -> str:
     """``(1.0, 0.5, 2)`` -> ``"1 0.5 2"``: how shapes and spacings are written in the index."""
@@ -114,7 +108,7 @@ def write_image(root: str | os.PathLike, relpath: str, array: np.ndarray, affine
         tmp.write_bytes(data)
     zooms = out.header.get_zooms()[:3]
     return {"path": relpath, "shape": fmt_tuple(out.shape[:3], 0), "spacing_mm": fmt_tuple(zooms),
-            "sha256": sha256_file(path)}
+            "sha256": hashlib.sha256(data).hexdigest()}  # the bytes just written: no second read
 
 
 def image_fields(root: str | os.PathLike, relpath: str) -> dict[str, str]:
@@ -127,7 +121,7 @@ def image_fields(root: str | os.PathLike, relpath: str) -> dict[str, str]:
 
         header = nib.load(path).header
         shape, spacing = header.get_data_shape()[:3], header.get_zooms()[:3]
-    return {"path": relpath, "shape": fmt_tuple(shape, 0), "spacing_mm": fmt_tuple(spacing), "sha256": sha256_file(path)}
+    return {"path": relpath, "shape": fmt_tuple(shape, 0), "spacing_mm": fmt_tuple(spacing), "sha256": sha256_of(path)}
 
 
 def write_info(root: str | os.PathLike, info: dict[str, Any]) -> Path:
@@ -292,7 +286,7 @@ class PreparedDataset:
     def verify_checksums(self) -> list[str]:
         """Images whose file no longer matches the index's sha256."""
         return [f"{p}: sha256 differs from index.csv" for p, h in zip(self.index["path"], self.index["sha256"])
-                if sha256_file(self.root / p) != h]
+                if sha256_of(self.root / p) != h]
 
 
 def open_dataset(root: str | os.PathLike, check_files: bool = True) -> PreparedDataset:

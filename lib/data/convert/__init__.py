@@ -42,6 +42,7 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from lib.data import prepared as fmt
+from lib.data.cache import sha256_of
 
 FLUSH_EVERY = 100
 SKIPPED = "already converted, checksums verified: "
@@ -127,7 +128,7 @@ def _done(out: Path, index: pd.DataFrame, version: str, key: str) -> set[str]:
     done = set()
     for source, rows in index.groupby("source"):
         if (rows["converter_version"] == version).all() and (rows["converter_options"] == key).all() and all(
-                (out / p).is_file() and fmt.sha256_file(out / p) == h for p, h in zip(rows["path"], rows["sha256"])):
+                (out / p).is_file() and sha256_of(out / p) == h for p, h in zip(rows["path"], rows["sha256"])):
             done.add(source)
     return done
 
