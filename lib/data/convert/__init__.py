@@ -46,7 +46,7 @@ from lib.data.cache import sha256_of
 
 FLUSH_EVERY = 100
 SKIPPED = "already converted, checksums verified: "
-NOT_CONVERTERS = {"__main__", "engine"}
+NOT_CONVERTERS = {"__main__"}
 
 
 class Refused(Exception):
@@ -120,29 +120,24 @@ def options_key(options: dict) -> str:
     return hashlib.sha1(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _done(out: Path, index: pd.DataFrame, version: str, key: str) -> set[str]:
-    """Sources whose every image an earlier run wrote with this converter version and these options, and
-    whose files still verify."""
+def _done(out: Path, index: pd.DataFrame, version: str, key: str, sources: set[str]) -> set[str]:
+    """Those of ``sources`` whose every image an earlier run wrote with this converter version and these
+    options, and whose files still verify (only this run's items are read and hashed)."""
     if index.empty or "converter_version" not in index.columns or "converter_options" not in index.columns:
         return set()
     done = set()
-    for source, rows in index.groupby("source"):
+    for source, rows in index[index["source"].isin(sources)].groupby("source"):
         if (rows["converter_version"] == version).all() and (rows["converter_options"] == key).all() and all(
                 (out / p).is_file() and sha256_of(out / p) == h for p, h in zip(rows["path"], rows["sha256"])):
             done.add(source)
     return done
 
 
-def _skip_reason(out: Path, source: str, _memo: dict = {}) -> str:  # noqa: B006 (memo by design)
-    """"already converted" and what the conversion said (dropped files, assumptions), from the last report."""
+def _reasons(out: Path) -> dict[str, str]:
+    """Source -> what the last conversion said of it (dropped files, assumptions), from ``report.csv``."""
     path = out / "report.csv"
-    key = (path, path.stat().st_mtime_ns if path.is_file() else 0)
-    if key not in _memo:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False) if key[1] else pd.DataFrame()
-        _memo.clear()
-        _memo[key] = dict(zip(df["source"], df["reason"])) if len(df.columns) else {}
-    before = _memo[key].get(source, "").removeprefix(SKIPPED)
-    return SKIPPED + before
+    df = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame()
+    return dict(zip(df["source"], df["reason"])) if len(df.columns) else {}
 
 
 # --------------------------------------------------------------------------- running
@@ -246,7 +241,8 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
     previous = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in (out / "parts").glob("*/index.csv")]
                          or [pd.DataFrame()], ignore_index=True)
     key = options_key(options)
-    done = _done(out, previous, module.VERSION, key)
+    mine_sources = {it.source for it in mine}
+    done = _done(out, previous, module.VERSION, key, mine_sources)
     todo = [it for it in mine if it.source not in done]
     fmt.write_info(out, {**module.INFO, "name": module.NAME, "converter": f"lib.data.convert.{module.NAME}",
                          "converter_version": module.VERSION, "options": options})
@@ -260,10 +256,10 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
         tables.index = [r for r in tables.index if r["source"] not in redo]
         tables.labels = [r for r in tables.labels if r["image_id"] not in gone]
         tables.points = [r for r in tables.points if r["image_id"] not in gone]
-    mine_sources = {it.source for it in mine}  # this run reports each of its items once, afresh
-    tables.report = [r for r in tables.report if r["source"] not in mine_sources]
-    first_new = len(tables.report)
-    tables.report += [{"source": it.source, "status": "skipped", "reason": _skip_reason(out, it.source)}
+    tables.report = [r for r in tables.report if r["source"] not in mine_sources]  # each item reported once, afresh
+    first_new, reasons = len(tables.report), _reasons(out) if done else {}
+    tables.report += [{"source": it.source, "status": "skipped",
+                       "reason": SKIPPED + reasons.get(it.source, "").removeprefix(SKIPPED)}
                       for it in mine if it.source in done]
     args = [(module.__name__, it, str(src), str(out), options) for it in todo]
     t0 = time.perf_counter()
