@@ -65,14 +65,7 @@ def cohort(root: Cohort) -> PreparedDataset:
 def image_file(root: Cohort, dataset: str, subject: str, sequence: str) -> Path:
     """The file of one image of the cohort (e.g. ``"chest_ct", "sub-000", "contrast"``), from its index."""
     ds = cohort(root)
-    files = ds.__dict__.get("_by_name")  # (dataset, subject, sequence) -> file, built once per opened dataset
-    if files is None:
-        files = ds.__dict__["_by_name"] = {(d, s, q): ds.root / p for d, s, q, p in zip(
-            ds.index["dataset"], ds.index["subject"], ds.index["sequence"], ds.index["path"])}
-    try:
-        return files[dataset, subject, sequence]
-    except KeyError:
-        raise KeyError(f"{ds.root}: no {dataset} image {sequence!r} of {subject!r} in index.csv") from None
+    return ds.file(ds.image_id(dataset, subject, sequence))
 
 
 def subjects(root: Cohort, dataset: str | None = None, split: str | None = None) -> pd.DataFrame:
@@ -297,8 +290,6 @@ class CXRPairs(Dataset):
         self.pairs = _typed(ds.pairs[ds.pairs["split"] == split].reset_index(drop=True))
         if self.pairs.empty:
             raise ValueError(f"no CXR pairs in split {split!r} of {self.cohort.root}")
-        self.paths = {i: ds.root / p for i, p in zip(ds.index["image_id"], ds.index["path"])}
-        self.paths.update({p: ds.root / p for p in self.pairs["target_path"]})
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -306,8 +297,9 @@ class CXRPairs(Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.pairs.iloc[i]
         item = {"pair": row["pair"], "nuisance_only": bool(int(row["nuisance_only"]))}
-        for name, path in (("baseline", self.paths[row["a"]]), ("followup", self.paths[row["b"]]),
-                           ("change", self.paths[row["target_path"]])):
+        ds = self.cohort
+        for name, path in (("baseline", ds.file(row["a"])), ("followup", ds.file(row["b"])),
+                           ("change", ds.root / row["target_path"])):
             x = torch.from_numpy(np.load(path))[None]
             item[name] = x if self.size is None else resize(x, (self.size, self.size))
         return item

@@ -16,6 +16,7 @@ problem; :func:`write_image` writes one image (RAS, atomic) and returns its inde
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -254,12 +255,26 @@ class PreparedDataset:
     def files(self, modality: str | None = None, split: str | None = None, **kw: Any) -> list[Path]:
         return [Path(f) for f in self.images(modality, split, **kw)["file"]]
 
+    @functools.cached_property
+    def _by_id(self) -> pd.DataFrame:
+        return self.index.set_index("image_id", drop=False)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[tuple[str, str, str], str]:
+        return dict(zip(zip(self.index["dataset"], self.index["subject"], self.index["sequence"]), self.index["image_id"]))
+
+    def image_id(self, dataset: str, subject: str, sequence: str) -> str:
+        """The image of ``subject`` in ``dataset`` with ``sequence`` (e.g. ``"chest_ct", "sub-000", "contrast"``)."""
+        try:
+            return self._by_name[dataset, subject, sequence]
+        except KeyError:
+            raise KeyError(f"{self.root}: no {dataset} image {sequence!r} of {subject!r} in index.csv") from None
+
     def file(self, image_id: str, column: str = "path") -> Path:
         """Absolute path of an image (or of its ``column``, e.g. ``mask_path``)."""
-        row = self.index.loc[self.index["image_id"] == image_id]
-        if row.empty:
+        if image_id not in self._by_id.index:
             raise KeyError(f"{self.root}: no image {image_id!r} in index.csv")
-        rel = row.iloc[0][column]
+        rel = self._by_id.at[image_id, column]
         if not rel:
             raise KeyError(f"{self.root}: image {image_id!r} has no {column}")
         return self.root / rel
