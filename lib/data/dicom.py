@@ -251,11 +251,22 @@ def _sorted_with_step(frames: list[_Frame], tolerance: float) -> tuple[list[_Fra
 
 # --------------------------------------------------------------------------- reading
 
+def modality_lut(img: np.ndarray, ds: Any, rescale: tuple[float, float] | None) -> np.ndarray:
+    """Stored pixels -> modality values (HU for CT): a frame's own (slope, intercept) from its functional
+    group when given, else the file's Modality LUT / Rescale tags."""
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_modality_lut
+
+    if rescale is None:
+        return apply_modality_lut(img, ds)
+    tags = Dataset()
+    tags.RescaleSlope, tags.RescaleIntercept = rescale
+    return apply_modality_lut(img, tags)
+
+
 def _pixels(frames: list[_Frame]) -> np.ndarray:
     """Rescaled pixel data, ``[n_slices, rows, columns]`` float32."""
     import pydicom
-    from pydicom.dataset import Dataset
-    from pydicom.pixels import apply_modality_lut
 
     out = np.empty((len(frames), frames[0].rows, frames[0].columns), dtype=np.float32)
     open_path, ds, arr = None, None, None  # one file decoded at a time (all frames of a multi-frame file)
@@ -276,13 +287,7 @@ def _pixels(frames: list[_Frame]) -> np.ndarray:
         img = arr[fr.frame] if fr.frame is not None else arr
         if img.shape != (fr.rows, fr.columns):
             raise DicomSeriesError(f"{fr.name}: pixel array of shape {img.shape}, expected {fr.rows}x{fr.columns}")
-        if fr.rescale is None:
-            values = apply_modality_lut(img, ds)
-        else:
-            tags = Dataset()
-            tags.RescaleSlope, tags.RescaleIntercept = fr.rescale
-            values = apply_modality_lut(img, tags)
-        out[k] = values
+        out[k] = modality_lut(img, ds, fr.rescale)
     n_bad = int((~np.isfinite(out)).sum())
     if n_bad:
         raise DicomSeriesError(f"{n_bad} non-finite pixel values after rescaling, in {_list_names(frames)}")

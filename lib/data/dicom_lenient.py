@@ -27,10 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.data.dicom import ABS_TOL_MM, SPACING_TOLERANCE, DicomSeriesError, _group
+from lib.data.dicom import _LPS_TO_RAS, ABS_TOL_MM, SPACING_TOLERANCE, DicomSeriesError, _group, modality_lut
 from lib.data.io import as_ras
-
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ASSUMED_SPACING, ASSUMED_ORIENTATION = (1.0, 1.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -119,15 +117,8 @@ def _majority(frames: list[Frame], drops: list[tuple[str, int, str]]) -> list[Fr
 
 
 def _values(f: Frame, ds, arr: np.ndarray) -> np.ndarray:
-    from pydicom.dataset import Dataset
-    from pydicom.pixels import apply_modality_lut
-
     img = arr[f.frame] if f.frame is not None and arr.ndim == 3 else arr  # a 1-frame file decodes to 2D
-    if f.rescale is None:
-        return np.asarray(apply_modality_lut(img, ds), np.float32)
-    tags = Dataset()
-    tags.RescaleSlope, tags.RescaleIntercept = f.rescale
-    return np.asarray(apply_modality_lut(img, tags), np.float32)
+    return np.asarray(modality_lut(img, ds, f.rescale), np.float32)
 
 
 def _decode(frames: list[Frame], drops: list[tuple[str, int, str]]) -> tuple[list[Frame], np.ndarray]:
