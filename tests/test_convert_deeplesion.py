@@ -15,11 +15,8 @@ from lib.data import convert, fixtures, prepared
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deeplesion")
-    facts = fixtures.write("deeplesion", tmp / "raw")
-    summary = convert.run("deeplesion", tmp / "raw", tmp / "prepared", workers=2, progress=False)
-    return tmp, facts, summary, prepared.open_dataset(tmp / "prepared")
+def converted(convert_fixture):
+    return convert_fixture("deeplesion", workers=2)
 
 
 def _hu(raw, folder, first, last):

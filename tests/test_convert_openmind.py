@@ -8,15 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.data import convert, fixtures, prepared
+from lib.data import convert, prepared
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("openmind")
-    facts = fixtures.write("openmind", tmp / "raw")
-    summary = convert.run("openmind", tmp / "raw", tmp / "prepared", progress=False)
-    return tmp, facts, summary, prepared.open_dataset(tmp / "prepared")
+def converted(convert_fixture):
+    return convert_fixture("openmind")
 
 
 def test_every_row_is_converted_or_refused_with_its_reason(converted):

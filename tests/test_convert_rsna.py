@@ -19,11 +19,8 @@ FIX = fixtures.get("rsna2025_aneurysm")
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rsna")
-    facts = fixtures.write("rsna2025_aneurysm", tmp / "raw")
-    summary = convert.run("rsna2025_aneurysm", tmp / "raw", tmp / "prepared", progress=False)
-    return tmp, facts, summary, prepared.open_dataset(tmp / "prepared")
+def converted(convert_fixture):
+    return convert_fixture("rsna2025_aneurysm")
 
 
 def _by_quirk(facts, quirk):
