@@ -67,6 +67,7 @@ class Output:
     images: list[dict] = field(default_factory=list)   # index rows (write_image fields + image_id, modality, ...)
     labels: list[dict] = field(default_factory=list)   # rows of labels.csv
     points: list[dict] = field(default_factory=list)   # rows of points.csv
+    pairs: list[dict] = field(default_factory=list)    # rows of pairs.csv (pair, subject, split, a, b, ...)
     note: str = ""                                     # written as the reason of a converted item
 
 
@@ -162,6 +163,7 @@ class _Tables:
     index: list[dict] = field(default_factory=list)
     labels: list[dict] = field(default_factory=list)
     points: list[dict] = field(default_factory=list)
+    pairs: list[dict] = field(default_factory=list)
     report: list[dict] = field(default_factory=list)
 
     def add(self, result: dict, module: ModuleType, splits: dict[str, str], key: str) -> None:
@@ -176,12 +178,14 @@ class _Tables:
                                "converter_version": module.VERSION, "converter_options": key})
         self.labels += out.labels
         self.points += out.points
+        self.pairs += [{"subject": item.subject, "split": splits[item.subject], **p} for p in out.pairs]
         self.report.append({"source": item.source, "status": "converted",
                             "reason": out.note or f"{len(out.images)} image(s)", "seconds": round(result["seconds"], 3)})
 
     def write(self, part: Path) -> None:
         for name, rows, columns in (("index.csv", self.index, fmt.INDEX_COLUMNS), ("labels.csv", self.labels, ("image_id",)),
                                     ("points.csv", self.points, fmt.POINT_COLUMNS),
+                                    ("pairs.csv", self.pairs, fmt.PAIR_COLUMNS),
                                     ("report.csv", self.report, fmt.REPORT_COLUMNS)):
             fmt.write_table(part, name, rows, columns)
 
@@ -198,23 +202,23 @@ def merge(out: str | os.PathLike) -> dict[str, int]:
     out = Path(out)
     parts = sorted(p for p in (out / "parts").glob("*") if p.is_dir())
     tables = {}
-    for name in ("index.csv", "labels.csv", "points.csv", "report.csv"):
+    for name in ("index.csv", "labels.csv", "points.csv", "pairs.csv", "report.csv"):
         frames = [f for f in (_read_part(p, name) for p in parts) if len(f.columns)]
         tables[name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not tables["index.csv"].empty:
         index = tables["index.csv"].drop_duplicates("image_id", keep="last")
         winner = dict(zip(index["image_id"], index["_part"]))
         tables["index.csv"] = index
-        for name in ("labels.csv", "points.csv"):  # only the rows of the part whose image won
-            df = tables[name]
+        for name, ref in (("labels.csv", "image_id"), ("points.csv", "image_id"), ("pairs.csv", "a")):
+            df = tables[name]  # only the rows of the part whose image won
             if not df.empty:
-                tables[name] = df[[winner.get(i) == p for i, p in zip(df["image_id"], df["_part"])]]
+                tables[name] = df[[winner.get(i) == p for i, p in zip(df[ref], df["_part"])]]
     else:
-        tables["labels.csv"] = tables["points.csv"] = pd.DataFrame()
+        tables["labels.csv"] = tables["points.csv"] = tables["pairs.csv"] = pd.DataFrame()
     if not tables["report.csv"].empty:
         tables["report.csv"] = tables["report.csv"].drop_duplicates("source", keep="last")
     columns = {"index.csv": fmt.INDEX_COLUMNS, "labels.csv": ("image_id",), "points.csv": fmt.POINT_COLUMNS,
-               "report.csv": fmt.REPORT_COLUMNS}
+               "pairs.csv": fmt.PAIR_COLUMNS, "report.csv": fmt.REPORT_COLUMNS}
     for name, df in tables.items():
         fmt.write_table(out, name, df.drop(columns="_part", errors="ignore"), columns[name])
     return {name.split(".")[0]: len(df) for name, df in tables.items()}
@@ -248,14 +252,16 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
                          "converter_version": module.VERSION, "options": options})
     part, tables = out / "parts" / f"{i}-of-{n}", _Tables()
     if (part / "index.csv").is_file():  # keep what this shard converted before
-        for t in ("index", "labels", "points", "report"):
-            df = pd.read_csv(part / f"{t}.csv", dtype=str, keep_default_na=False)
+        for t in ("index", "labels", "points", "pairs", "report"):
+            path = part / f"{t}.csv"
+            df = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame()
             getattr(tables, t).extend(df.to_dict("records") if len(df.columns) else [])
         redo = {it.source for it in todo}
         gone = {r["image_id"] for r in tables.index if r["source"] in redo}
         tables.index = [r for r in tables.index if r["source"] not in redo]
         tables.labels = [r for r in tables.labels if r["image_id"] not in gone]
         tables.points = [r for r in tables.points if r["image_id"] not in gone]
+        tables.pairs = [r for r in tables.pairs if r["a"] not in gone]
     tables.report = [r for r in tables.report if r["source"] not in mine_sources]  # each item reported once, afresh
     first_new, reasons = len(tables.report), _reasons(out) if done else {}
     tables.report += [{"source": it.source, "status": "skipped",
