@@ -7,7 +7,8 @@
 - :class:`AlternatingLoader`: MRI and CT batches cannot share a batch (1 vs 3 channels); it alternates
   them, each with its own batch size.
 - :class:`SeriesPairs` (CT series translation), :class:`CXRPairs` (longitudinal radiographs and their
-  change maps), :class:`DRRVolumes` (radiographic views with their CT).
+  change maps), :class:`DRRVolumes` (radiographic views with their CT): in :mod:`lib.data.paired`, also
+  importable from here.
 
 Randomness comes from torch's generator only, so a loader built with :func:`lib.runs.loader_seeding`
 gives the same batches and augmentations for the same seed, with or without workers.
@@ -30,13 +31,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lib.data import drr
 from lib.data.cache import ArrayCache
 from lib.data.io import load_volume
 from lib.data.prepared import PreparedDataset, open_dataset
 from lib.data.transforms import WINDOWS, crop_or_pad, ct_windows, resample_isotropic, window
 
 MODALITIES = ("MRI", "CT")
+PAIRED = ("SeriesPairs", "CXRPairs", "DRRVolumes")  # in lib.data.paired, importable from here
+
+
+def __getattr__(name: str):
+    if name in PAIRED:
+        from lib.data import paired
+
+        return getattr(paired, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- the cohort, through the format
@@ -220,174 +229,6 @@ class AlternatingLoader:
 def axial_frames(array: np.ndarray) -> np.ndarray:
     """``[X, Y, Z]`` RAS volume → ``[Z, Y, X]`` frames, superior first, anterior up, patient right on the left."""
     return np.ascontiguousarray(array[::-1, ::-1, ::-1].transpose(2, 1, 0))
-
-
-class SeriesPairs(Dataset):
-    """Paired chest CT series as frame stacks: ``{"baseline", "target"}`` each ``[1, T, H, W]`` in [-1, 1].
-
-    Frames are axial slices under the diffusion window (centre 200, width 1800 HU). Training draws a
-    random run of ``frames`` consecutive slices; evaluation takes the central run. ``frames=None``: the
-    whole series.
-    """
-
-    def __init__(self, root: Cohort, split: str, frames: int | None, size: int, *, random_start: bool = False,
-                 cache: ArrayCache | None = None, source: str = "noncontrast", target: str = "contrast"):
-        self.cohort, self.frames, self.size, self.random_start, self.cache = cohort(root), frames, size, random_start, cache
-        self.subjects = list(subjects(self.cohort, "chest_ct", split)["subject"])
-        self.names = (source, target)
-        if not self.subjects:
-            raise ValueError(f"no chest_ct subjects in split {split!r} of {self.cohort.root}")
-
-    def __len__(self) -> int:
-        return len(self.subjects)
-
-    def _stack(self, subject: str, name: str) -> np.ndarray:
-        path = image_file(self.cohort, "chest_ct", subject, name)
-
-        def compute():
-            v = load_volume(path, channels=(1,))
-            frames = axial_frames(window(v.array[0], *WINDOWS["diffusion"], out_range=(-1.0, 1.0)))
-            return resize(torch.from_numpy(frames), (self.size, self.size)).numpy()
-
-        params = {"frames": "axial", "window": "diffusion", "size": self.size}
-        return compute() if self.cache is None else self.cache.get(path, params, compute)
-
-    def __getitem__(self, i: int) -> dict:
-        subject = self.subjects[i]
-        a, b = (self._stack(subject, n) for n in self.names)
-        frames = a.shape[0] if self.frames is None else self.frames
-        if frames > a.shape[0]:
-            raise ValueError(f"{subject}: {frames} frames asked, the series has {a.shape[0]}")
-        start = int(torch.randint(0, a.shape[0] - frames + 1, ())) if self.random_start else (a.shape[0] - frames) // 2
-        sl = slice(start, start + frames)
-        return {"baseline": torch.from_numpy(np.array(a[sl]))[None], "target": torch.from_numpy(np.array(b[sl]))[None],
-                "subject": subject, "start": start}
-
-    def series_affine(self, subject: str, start: int = 0) -> np.ndarray:
-        """Voxel -> RAS mm affine of a frame stack ``[T, H, W]`` of ``subject`` whose first frame is ``start``
-        (as ``__getitem__`` returns it; index order frame, row, column), for NIfTI export with
-        :func:`lib.data.io.save_volume`. Inverts :func:`axial_frames` and the in-plane resize (pixel
-        centres, ``align_corners=False``)."""
-        v = load_volume(image_file(self.cohort, "chest_ct", subject, self.names[0]), channels=(1,))
-        nx, ny, nz = v.spatial_shape
-        sx, sy = nx / self.size, ny / self.size
-        # frame f, row r, column c <- source voxel (nx-1-c', ny-1-r', nz-1-start-f), c' = (c + 0.5) sx - 0.5
-        m = np.array([[0.0, 0.0, -sx, nx - 0.5 - 0.5 * sx],
-                      [0.0, -sy, 0.0, ny - 0.5 - 0.5 * sy],
-                      [-1.0, 0.0, 0.0, nz - 1.0 - start],
-                      [0.0, 0.0, 0.0, 1.0]])
-        return v.affine @ m
-
-
-class CXRPairs(Dataset):
-    """Longitudinal radiograph pairs: ``baseline``, ``followup``, ``change`` each ``[1, S, S]``."""
-
-    def __init__(self, root: Cohort, split: str, size: int | None = None):
-        self.cohort, self.size = cohort(root), size
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {split!r}")
-        ds = self.cohort
-        self.pairs = _typed(ds.pairs[ds.pairs["split"] == split].reset_index(drop=True))
-        if self.pairs.empty:
-            raise ValueError(f"no CXR pairs in split {split!r} of {self.cohort.root}")
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.pairs.iloc[i]
-        item = {"pair": row["pair"], "nuisance_only": bool(int(row["nuisance_only"]))}
-        ds = self.cohort
-        for name, path in (("baseline", ds.file(row["a"])), ("followup", ds.file(row["b"])),
-                           ("change", ds.root / row["target_path"])):
-            x = torch.from_numpy(np.load(path))[None]
-            item[name] = x if self.size is None else resize(x, (self.size, self.size))
-        return item
-
-
-class DRRVolumes(Dataset):
-    """Radiographic views of a chest CT and the CT itself, for X-ray → CT.
-
-    ``views``: ``[V, 1, S, S]`` DRRs at ``angles`` (0 frontal, 90 lateral from the cohort's files; other
-    angles rendered from the CT with the cohort's Beer–Lambert model and cached). ``ct``:
-    ``[1, D, D, D]`` with HU mapped linearly from ``hu_range`` to [0, 1] (clipped).
-    """
-
-    def __init__(self, root: Cohort, split: str, angles: Sequence[float] = (0.0, 90.0), image_size: int = 64,
-                 volume_size: int = 32, hu_range: tuple[float, float] = (-1000.0, 1000.0), cache: ArrayCache | None = None):
-        if not angles:
-            raise ValueError("DRRVolumes needs at least one view angle")
-        self.cohort, self.angles, self.image_size, self.volume_size = cohort(root), tuple(float(a) for a in angles), image_size, volume_size
-        self.hu_range, self.cache = hu_range, cache
-        self.subjects = list(subjects(self.cohort, "chest_ct", split)["subject"])
-        if not self.subjects:
-            raise ValueError(f"no chest_ct subjects in split {split!r} of {self.cohort.root}")
-
-    def __len__(self) -> int:
-        return len(self.subjects)
-
-    def ct_path(self, subject: str) -> Path:
-        return image_file(self.cohort, "chest_ct", subject, "noncontrast")
-
-    def drr_path(self, subject: str, view: str) -> Path:
-        return image_file(self.cohort, "drr", subject, view)
-
-    def _view(self, subject: str, angle: float) -> np.ndarray:
-        stored = {0.0: "frontal", 90.0: "lateral"}.get(angle % 360)
-        if stored is not None:
-            return np.load(self.drr_path(subject, stored))
-        path = self.ct_path(subject)
-
-        def compute():
-            v = load_volume(path, channels=(1,))
-            return drr.radiograph(v.array[0], v.spacing, angle, size=np.load(self.drr_path(subject, "frontal")).shape[0])
-
-        return compute() if self.cache is None else self.cache.get(path, {"drr_angle": angle, **drr.parameters()}, compute)
-
-    def __getitem__(self, i: int) -> dict:
-        subject = self.subjects[i]
-        views = torch.stack([resize(torch.from_numpy(np.array(self._view(subject, a), np.float32))[None],
-                                    (self.image_size, self.image_size)) for a in self.angles])
-        path = self.ct_path(subject)
-
-        def compute():
-            v = load_volume(path, channels=(1,))
-            lo, hi = self.hu_range
-            x = np.clip((v.array - lo) / (hi - lo), 0.0, 1.0)
-            return resize(torch.from_numpy(x), (self.volume_size,) * 3).numpy()
-
-        params = {"ct": "hu01", "hu_range": list(self.hu_range), "size": self.volume_size}
-        ct = compute() if self.cache is None else self.cache.get(path, params, compute)
-        return {"views": views, "ct": torch.from_numpy(np.array(ct, np.float32)), "subject": subject}
-
-    def volume_affine(self, subject: str) -> np.ndarray:
-        """Voxel -> RAS mm affine of the ``volume_size``^3 ``ct`` of ``subject``: the CT's field of view,
-        resampled as ``resize`` does it (voxel centres, ``align_corners=False``), for NIfTI export."""
-        v = load_volume(self.ct_path(subject), channels=(1,))
-        scale = np.asarray(v.spatial_shape, np.float64) / self.volume_size
-        m = np.eye(4)
-        m[:3, :3] = np.diag(scale)
-        m[:3, 3] = scale / 2 - 0.5
-        return v.affine @ m
-
-    def volume_extent(self) -> tuple[float, float, float]:
-        """Half-extent of the CT along R, A, S in units of a radiograph's half-width.
-
-        With normalised coordinates (voxel and pixel centres, ``align_corners=False``), a voxel at
-        ``(x, y, z)`` appears in the view at angle ``a`` at column ``-(e_R x cos a + e_A y sin a)`` and row
-        ``-e_S z``. Follows :func:`lib.data.drr.radiograph`: square field of the larger of the R and S
-        extents, the shorter padded with air, resampled corner-aligned to the stored image size.
-        """
-        subject = self.subjects[0]
-        v = load_volume(self.ct_path(subject), channels=(1,))
-        (nx, ny, nz), (sx, sy, sz) = v.spatial_shape, v.spacing
-        size = np.load(self.drr_path(subject, "frontal"), mmap_mode="r").shape[0]
-        h_mm, w_mm = nz * sz, nx * sx
-        fov = max(h_mm, w_mm)
-        rows = nz + 2 * int(round((fov - h_mm) / sz / 2))
-        cols = nx + 2 * int(round((fov - w_mm) / sx / 2))
-        e_r = nx * (size - 1) / (size * (cols - 1))
-        return (float(e_r), float(e_r * ny * sy / (nx * sx)), float(nz * (size - 1) / (size * (rows - 1))))
 
 
 # --------------------------------------------------------------------------- preparation and throughput

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lib import metrics
 from lib.data import demo
 from lib.data.cache import ArrayCache
-from lib.data.datasets import SeriesPairs
+from lib.data.paired import SeriesPairs
 from lib.data.io import save_volume
 from lib.data.transforms import WINDOWS
 from lib.device import autocast

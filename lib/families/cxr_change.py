@@ -29,7 +29,7 @@ from lib import train as loop
 from lib.atomic import write_csv
 from lib.config import args_for, resolve
 from lib.data import demo, radiograph
-from lib.data.datasets import CXRPairs
+from lib.data.paired import CXRPairs
 from lib.device import autocast
 from lib.families.common import count_parameters, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout

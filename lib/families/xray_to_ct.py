@@ -27,7 +27,7 @@ from lib.checkpoint import load_encoder
 from lib.config import args_for, resolve
 from lib.data import demo, transforms
 from lib.data.cache import ArrayCache
-from lib.data.datasets import DRRVolumes
+from lib.data.paired import DRRVolumes
 from lib.data.io import Volume, load_volume, save_volume
 from lib.device import autocast
 from lib.families.common import count_parameters, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
