@@ -43,12 +43,26 @@ def latest_run(notebook: str, preset: str, run_id: str | None = None,
     return root / done[-1]["path"] if done else None
 
 
-def _run_seed(run_dir: Path) -> str:
+def _run_record(run_dir: Path) -> dict:
     try:
-        seed = json.loads((run_dir / "run.json").read_text()).get("seed")
+        return json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
-        return ""
+        return {}
+
+
+def _run_seed(run_dir: Path) -> str:
+    seed = _run_record(run_dir).get("seed")
     return "" if seed is None else str(seed)
+
+
+def run_data(run_dir: Path) -> str:
+    """What a run trained on, from its configuration: the prepared datasets of ``real_data`` (folder names),
+    else ``built-in <cohort>``."""
+    cfg = _run_record(run_dir).get("config") or {}
+    real = [Path(p.strip()).name for p in str(cfg.get("real_data") or "").split(",") if p.strip()]
+    if real:
+        return ",".join(real)
+    return f"built-in {cfg['cohort']}" if cfg.get("cohort") else ""
 
 
 def run_rows(family: str, run_dir: Path | None, preset: str) -> list[dict[str, Any]]:
@@ -67,9 +81,10 @@ def run_rows(family: str, run_dir: Path | None, preset: str) -> list[dict[str, A
     if reason:
         return [{**dict.fromkeys(ROW_KEYS, ""), "family": family, "task": "missing", "metric": reason,
                  "headline": False, "preset": preset}]
-    seed = _run_seed(run_dir)
+    seed, data = _run_seed(run_dir), run_data(run_dir)
     return [{**dict.fromkeys(ROW_KEYS, ""), **r, "family": family, "preset": preset, "run_id": run_dir.name,
-             "seeds": r.get("seeds") if r.get("seeds") not in (None, "") else seed} for r in rows]
+             "seeds": r.get("seeds") if r.get("seeds") not in (None, "") else seed,
+             "data": r.get("data") or data} for r in rows]
 
 
 def is_true(flag: Any) -> bool:
@@ -114,12 +129,12 @@ def write_summary(rows: list[dict[str, Any]], results_root: str | os.PathLike | 
         if (sub["task"] == "missing").any():
             lines += [f"**Missing**: {sub['metric'].iloc[0]}.", ""]
             continue
-        lines += ["| task | metric | model | baseline | baseline value | verdict | split | n | seeds |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| task | metric | model | baseline | baseline value | verdict | data | split | n | seeds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for _, r in sub.iterrows():
             mark = "**" if is_true(r["headline"]) else ""
             lines.append(f"| {r['task']} | {mark}{r['metric']}{mark} | {_fmt(r['value'])} | {r['baseline']} | "
-                         f"{_fmt(r['baseline_value'])} | {verdict(r)} | {r['split']} | {r['n']} | {r['seeds']} |")
+                         f"{_fmt(r['baseline_value'])} | {verdict(r)} | {r['data']} | {r['split']} | {r['n']} | {r['seeds']} |")
         head = sub[sub["headline"].map(is_true)]
         for _, r in head.iterrows():
             lines += ["", f"Headline: {r['metric']} {_fmt(r['value'])} against {r['baseline']} "

@@ -86,7 +86,7 @@ def test_parameter_counts_at_this_preset_and_prod():
     assert list(sizes.preset) == ["smoke", "prod"]
     assert sizes.parameters[0] == fam.count_parameters(model)
     assert list(sizes.columns) == ["preset", "views", "image", "volume", "parameters"]
-    assert (sizes.image[1], sizes.volume[1]) == (512, 64) and 60e6 < sizes.parameters[1] < 100e6
+    assert (sizes.image[1], sizes.volume[1]) == (512, 128) and 60e6 < sizes.parameters[1] < 100e6  # prod: X2CT-GAN's 128^3
 
 
 # --------------------------------------------------------------------------- step functions
@@ -156,7 +156,7 @@ def test_evaluate_export_and_summary_on_the_smoke_cohort(smoke_cohort, tmp_path)
     n = len(data["test"])
     rows = read_heldout(tmp_path)
     assert rows == ev.rows == fam.heldout_rows(cfg, ev.table, n)
-    assert [r["metric"] for r in rows] == [name for name, _ in fam.METRICS.values()]
+    assert [r["metric"] for r in rows] == [name.format(lo=cfg.hu_min, hi=cfg.hu_max) for name, _ in fam.METRICS.values()]
     assert [r["headline"] for r in rows] == [True, False, False, False]
     assert all(r["n"] == n and r["baseline"] == "mean training volume" for r in rows)
     # the untrained residual model returns its prior, the mean training volume: the baseline's scores exactly

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from lib.data.cache import ArrayCache
 from lib.data.io import load_volume
 from lib.data.prepared import PreparedDataset, open_dataset
-from lib.data.transforms import WINDOWS, crop_or_pad, ct_windows, resample_isotropic, window
+from lib.data.transforms import crop_or_pad, ct_windows, resample_isotropic
 
 MODALITIES = ("MRI", "CT")
 PAIRED = ("SeriesPairs", "CXRPairs", "DRRVolumes")  # in lib.data.paired, importable from here

@@ -21,3 +21,18 @@ def split_loaders(cfg: Mapping[str, Any], data: Mapping[str, Dataset]) -> dict[s
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def data_root(cfg: Mapping[str, Any]):
+    """The data a family trains on: the prepared dataset named by ``cfg.real_data`` (one folder or name,
+    :func:`lib.data.locate.require_prepared`: a missing one stops here, saying how to get it), else the
+    built-in cohort ``cfg.cohort`` (built if missing)."""
+    from lib.data import demo, locate, prepared
+
+    if cfg.get("real_data"):
+        roots = locate.require_prepared(cfg["real_data"])
+        if len(roots) != 1:
+            raise ValueError(f"real_data: name one prepared dataset, got {len(roots)} ({cfg['real_data']!r})")
+        return prepared.open_dataset(roots[0])
+    root, _ = demo.ensure(cfg["cohort"], progress=False)
+    return root

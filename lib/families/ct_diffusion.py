@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lib import metrics
-from lib.data import demo
+from lib.families.common import data_root
 from lib.data.cache import ArrayCache
 from lib.data.paired import SeriesPairs
 from lib.data.io import save_volume
@@ -84,23 +84,34 @@ def parameter_counts(vae: FrameVAE, denoiser: SeriesDenoiser) -> dict[str, int]:
 # --------------------------------------------------------------------------- data
 
 def load_pairs(cfg: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-    """The cohort's paired series per split: ``(datasets, items, tensors)``; ``tensors[split]`` holds
+    """The paired series per split, of ``cfg.real_data`` (registered phase pairs, e.g. Coltea's native ->
+    ``target_phase``) or of the built-in cohort: ``(datasets, items, tensors)``; ``tensors[split]`` holds
     ``baseline`` and ``target`` ``[N, 1, T, H, W]`` float32 in [-1, 1]. Training and validation keep whole
-    series; the test split takes the central run of ``frames`` slices."""
-    root, _ = demo.ensure(cfg["cohort"])
-    cache = ArrayCache()
-    splits = {s: SeriesPairs(root, s, frames=cfg["frames"] if s == "test" else None, size=cfg["frame_size"],
-                             cache=cache) for s in ("train", "val", "test")}
+    series (their central ``series_frames`` slices when set; series of unequal length are cut to the
+    shortest of their split); the test split takes the central run of ``frames`` slices."""
+    root, cache = data_root(cfg), ArrayCache()
+    kept = cfg["series_frames"] or None
+    splits = {s: SeriesPairs(root, s, frames=cfg["frames"] if s == "test" else kept, size=cfg["frame_size"],
+                             cache=cache, target=cfg["target_phase"]) for s in ("train", "val", "test")}
     series = {s: [ds[i] for i in range(len(ds))] for s, ds in splits.items()}
-    data = {s: {k: torch.stack([it[k] for it in items]) for k in ("baseline", "target")} for s, items in series.items()}
+    data = {s: {k: torch.stack(common_length([it[k] for it in items], s)) for k in ("baseline", "target")}
+            for s, items in series.items()}
     for s, d in data.items():
-        print(f"{s:5s}: {len(series[s]):3d} series, non-contrast and contrast {tuple(d['target'].shape)} "
+        print(f"{s:5s}: {len(series[s]):3d} series, source and target {tuple(d['target'].shape)} "
               f"{d['target'].dtype}")
     bad = [s for s, d in data.items() for x in d.values()
            if not (x.dtype == torch.float32 and x.shape[1] == 1 and x.abs().max() <= 1)]
     if bad:
         raise ValueError(f"splits {bad}: series must be float32 [N, 1, T, H, W] in [-1, 1]")
     return splits, series, data
+
+
+def common_length(stacks: Sequence[torch.Tensor], split: str = "") -> list[torch.Tensor]:
+    """Frame stacks ``[1, T, H, W]`` cut to their central run of the shortest ``T`` (noted when any is cut)."""
+    n = min(x.shape[1] for x in stacks)
+    if any(x.shape[1] != n for x in stacks):
+        print(f"{split}: series of {sorted({x.shape[1] for x in stacks})} slices keep their central {n}")
+    return [x[:, (x.shape[1] - n) // 2:(x.shape[1] - n) // 2 + n] for x in stacks]
 
 
 def frames_of(pair: Mapping[str, torch.Tensor]) -> torch.Tensor:

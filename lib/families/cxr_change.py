@@ -28,10 +28,10 @@ from lib import metrics
 from lib import train as loop
 from lib.atomic import write_csv
 from lib.config import args_for, resolve
-from lib.data import demo, radiograph
+from lib.data import radiograph
 from lib.data.paired import CXRPairs
 from lib.device import autocast
-from lib.families.common import count_parameters, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
+from lib.families.common import count_parameters, data_root, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses.cxr_change import change_loss, masked_reconstruction_loss, random_patch_mask
 from lib.models.cxr_change import (ChangeModelConfig, LongitudinalMIMModel, LongitudinalMIMModelBig,
@@ -47,10 +47,11 @@ BASELINE = "naive subtraction (threshold chosen on val)"
 # --------------------------------------------------------------------------- data
 
 def datasets(cfg: Mapping[str, Any], root: str | Path | None = None) -> dict[str, CXRPairs]:
-    """The train, val and test pairs of the cohort ``cfg.cohort`` (built if missing, unless ``root`` is
-    given), resized to ``cfg.image_size``."""
+    """The train, val and test pairs of ``cfg.real_data`` (a prepared dataset of pairs with change maps, e.g.
+    ``ct_to_cxr_pairs``) or of the built-in cohort ``cfg.cohort`` (built if missing), unless ``root`` is
+    given, resized to ``cfg.image_size``."""
     if root is None:
-        root, _ = demo.ensure(cfg["cohort"], progress=False)
+        root = data_root(cfg)
     return {s: CXRPairs(root, s, cfg["image_size"]) for s in SPLITS}
 
 

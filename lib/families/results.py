@@ -19,7 +19,7 @@ from typing import Any
 from lib.atomic import write_json
 
 ROW_KEYS = ["family", "task", "metric", "headline", "higher_is_better", "value", "baseline", "baseline_value",
-            "split", "n", "preset", "run_id", "seeds"]
+            "split", "n", "preset", "run_id", "seeds", "data"]
 METRICS_FILE = "heldout_metrics.json"
 _WRITTEN_BY_FAMILY = ["task", "metric", "headline", "higher_is_better", "value", "baseline", "baseline_value",
                       "split", "n", "seeds"]

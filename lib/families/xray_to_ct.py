@@ -25,12 +25,12 @@ from lib import train as loop
 from lib.atomic import write_csv, write_json
 from lib.checkpoint import load_encoder
 from lib.config import args_for, resolve
-from lib.data import demo, transforms
+from lib.data import transforms
 from lib.data.cache import ArrayCache
 from lib.data.paired import DRRVolumes
 from lib.data.io import Volume, load_volume, save_volume
 from lib.device import autocast
-from lib.families.common import count_parameters, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
+from lib.families.common import count_parameters, data_root, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses import medical
 from lib.metrics import reconstruction_metrics
@@ -40,7 +40,7 @@ NOTEBOOK = "06_xray_to_ct"
 SPLITS = ("train", "val", "test")
 BASELINE = "mean training volume"
 # per-patient metric -> (its name in heldout_metrics.json, higher is better); PSNR is the headline
-METRICS = {"psnr": ("PSNR (dB; HU [-1000, 1000] -> [0, 1], data range 1)", True),
+METRICS = {"psnr": ("PSNR (dB; HU [{lo:g}, {hi:g}] -> [0, 1], data range 1)", True),
            "ssim": ("SSIM (3D, Gaussian window 11)", True),
            "mae_hu": ("MAE (HU)", False),
            "cosine": ("cosine similarity", True)}
@@ -63,11 +63,12 @@ def hu_range(cfg: Mapping[str, Any]) -> tuple[float, float]:
 # --------------------------------------------------------------------------- data
 
 def datasets(cfg: Mapping[str, Any], root: str | Path | None = None) -> dict[str, DRRVolumes]:
-    """The train, val and test splits of the cohort ``cfg.cohort`` (built if missing, unless ``root`` is
-    given) at ``cfg.views`` angles (:func:`default_angles`), ``image_size``, ``volume_size`` and ``hu_range``,
+    """The train, val and test splits of ``cfg.real_data`` (a prepared chest CT dataset with DRRs, e.g.
+    ``lidc_idri``) or of the built-in cohort ``cfg.cohort`` (built if missing), unless ``root`` is given,
+    at ``cfg.views`` angles (:func:`default_angles`), ``image_size``, ``volume_size`` and ``hu_range``,
     sharing one array cache for the rendered views."""
     if root is None:
-        root, _ = demo.ensure(cfg["cohort"], progress=False)
+        root = data_root(cfg)
     cache = ArrayCache()
     return {s: DRRVolumes(root, s, default_angles(cfg["views"]), cfg["image_size"], cfg["volume_size"],
                           hu_range(cfg), cache=cache) for s in SPLITS}
@@ -189,7 +190,8 @@ def score(test: Mapping[str, Any], baseline: torch.Tensor, hu: tuple[float, floa
 def heldout_rows(cfg: Mapping[str, Any], table: pd.DataFrame, n: int) -> list[dict]:
     """The family's rows of ``heldout_metrics.json``: every metric's mean beside the mean training volume's."""
     task = f"X-ray to CT, {cfg['views']} view(s), {cfg['volume_size']}^3"
-    return [row(task, name, table.loc["model", (k, "mean")], BASELINE, table.loc[BASELINE, (k, "mean")],
+    lo, hi = hu_range(cfg)
+    return [row(task, name.format(lo=lo, hi=hi), table.loc["model", (k, "mean")], BASELINE, table.loc[BASELINE, (k, "mean")],
                 higher_is_better=higher, n=n, headline=k == HEADLINE, seeds=str(cfg["seed"]))
             for k, (name, higher) in METRICS.items()]
 

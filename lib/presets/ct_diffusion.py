@@ -5,7 +5,13 @@ from lib.config import Family, Param, _spec
 NB_04 = _spec(
     "grayscale frame VAE + latent diffusion translating non-contrast into contrast chest CT slice series",
     {
-        "cohort": Param("demo", str, "built-in cohort whose paired chest CT series are used (lib.data.demo)", ("smoke", "demo")),
+        "cohort": Param("demo", str, "built-in cohort whose paired chest CT series are used (lib.data.demo) when real_data is empty", ("smoke", "demo")),
+        "real_data": Param("", str, "a prepared dataset of registered CT phase pairs to train on instead (folder or name; "
+                           "prod: coltea_lung_ct_100w); the run stops at once, saying how to get it if it is missing"),
+        "target_phase": Param("contrast", str, "the pairs' target series: contrast (built-in cohort); arterial or venous "
+                              "(Coltea-Lung-CT-100W, registered onto the native series)", ("contrast", "arterial", "venous")),
+        "series_frames": Param(0, int, "training and validation series keep their central run of this many slices (0: whole "
+                               "series; real series of unequal length are cut to the shortest)"),
         "frame_size": Param(256, int, "axial frames are resized to frame_size x frame_size (divisible by the VAE's compression)"),
         "frames": Param(16, int, "T: consecutive slices per series the denoiser sees (training windows and held-out series)"),
         # stage 1: the VAE
@@ -58,7 +64,7 @@ NB_04 = _spec(
           "num_head_channels": 16, "window_stride": 2, "epochs": 5, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.1},
     subset={"frame_size": 128, "frames": 8, "vae_channels": (32, 64, 128, 128), "vae_epochs": 20, "vae_lr": 5e-4,
             "model_channels": 64, "epochs": 50, "batch_size": 8, "lr": 2e-4, "ema_decay": 0.999, "num_workers": 2},
-    prod={"vae_epochs": 50, "kl_weight": 1e-7, "adv_weight": 0.1, "epochs": 50, "batch_size": 2, "grad_accum": 16,
+    prod={"real_data": "coltea_lung_ct_100w", "target_phase": "arterial", "series_frames": 64, "vae_epochs": 50, "kl_weight": 1e-7, "adv_weight": 0.1, "epochs": 50, "batch_size": 2, "grad_accum": 16,
           "lr": 1e-4, "warmup_epochs": 1.0, "ema_decay": 0.9999, "num_workers": 4, "time_budget_s": 41400.0},
 )
 

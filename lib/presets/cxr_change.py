@@ -5,7 +5,11 @@ from lib.config import Family, Param, _spec
 NB_05 = _spec(
     "longitudinal chest X-ray change detection",
     {
-        "cohort": Param("demo", str, "built-in cohort whose baseline/follow-up pairs are used (lib.data.demo)", ("smoke", "demo")),
+        "cohort": Param("demo", str, "built-in cohort whose baseline/follow-up pairs are used (lib.data.demo) when real_data is empty", ("smoke", "demo")),
+        "real_data": Param("", str, "a prepared dataset of radiograph pairs with change maps to train on instead (folder or name; "
+                           "prod: ct_to_cxr_pairs, rendered from LIDC-IDRI); stops at once, saying how to get it if missing"),
+        "external": Param("", str, "MS-CXR-T pairs (prepared ms_cxr_t: progression labels, no maps) on which the predicted change "
+                          "area is scored (AUC); 'auto': when found; '' none"),
         "variant": Param("big", str, "big: LongitudinalMIMModelBig (U-Net decoder with skips); small: LongitudinalMIMModel (no skips)", ("big", "small")),
         "image_size": Param(512, int, "radiographs are resized to this many pixels per side (note: 512)"),
         "channels": Param((64, 48, 80, 224, 640), tuple, "encoder widths: the channel-expansion stem, then one per stride-2 MBConv level (note: 640 x 32 x 32 at 512)"),
@@ -20,6 +24,11 @@ NB_05 = _spec(
         "inter_channels": Param(704, int, "width of the bottleneck's conv branch (note: intermediate 704)"),
         "norm_groups": Param(32, int, "GroupNorm groups (note: 32; a layer uses its gcd with the width)"),
         "decoder_channels": Param((320, 160, 80, 40), tuple, "U-Net decoder widths, one per x2 upsampling"),
+        "adv_weight": Param(0.0, float, "weight of the PatchGAN Discriminator's adversarial term on the change map; 0: off"),
+        "classify_weight": Param(0.0, float, "weight of the ClassificationModel head naming each image's inserted findings "
+                                 "(multi-label, on the shared encoder); 0: off"),
+        "aux_ablation": Param(False, bool, "also train the same model without, with only the adversarial and with only the "
+                              "classification term (same seed, no MIM) and report each against the one without"),
         "dice_weight": Param(1.0, float, "weight of the signed soft Dice beside the MSE to sign(change)"),
         "augment": Param(True, bool, "random swap of baseline/follow-up (sign flips) and left-right mirroring"),
         "mim_epochs": Param(20, int, "masked-reconstruction pre-training epochs of the shared encoder; 0: none"),
@@ -33,7 +42,8 @@ NB_05 = _spec(
     smoke={"cohort": "smoke", "image_size": 64, "channels": (8, 8, 16, 16, 32), "blocks": (1, 1, 1, 1),
            "expand_ratio": 2, "hidden_size": 32, "transformer_layers": 1, "num_heads": 2, "mlp_dim": 64,
            "patch_size": 1, "inter_channels": 32, "norm_groups": 8, "decoder_channels": (16, 16, 8, 8),
-           "epochs": 1, "batch_size": 8, "lr": 1e-3, "mim_epochs": 1, "mim_patch": 8, "figure_pairs": 2},
+           "epochs": 1, "batch_size": 8, "lr": 1e-3, "mim_epochs": 1, "mim_patch": 8, "figure_pairs": 2,
+           "adv_weight": 0.05, "classify_weight": 0.1, "aux_ablation": True},
     demo={"image_size": 64, "channels": (16, 24, 32, 48, 64), "blocks": (1, 1, 1, 1), "expand_ratio": 4,
           "hidden_size": 64, "transformer_layers": 2, "num_heads": 4, "mlp_dim": 128, "patch_size": 1,
           "inter_channels": 64, "norm_groups": 8, "decoder_channels": (48, 32, 24, 16), "epochs": 40,
@@ -42,7 +52,8 @@ NB_05 = _spec(
             "transformer_layers": 6, "num_heads": 6, "mlp_dim": 1536, "inter_channels": 352,
             "decoder_channels": (160, 80, 40, 20), "epochs": 60, "batch_size": 8, "lr": 3e-4,
             "warmup_epochs": 2.0, "mim_epochs": 20, "mim_patch": 16, "num_workers": 2},
-    prod={"epochs": 100, "batch_size": 4, "grad_accum": 4, "lr": 1e-4, "warmup_epochs": 2.0, "ema_decay": 0.999,
+    prod={"real_data": "ct_to_cxr_pairs", "external": "auto", "adv_weight": 0.05, "classify_weight": 0.1,
+          "aux_ablation": True, "epochs": 100, "batch_size": 4, "grad_accum": 4, "lr": 1e-4, "warmup_epochs": 2.0, "ema_decay": 0.999,
           "mim_epochs": 50, "num_workers": 4},
 )
 

@@ -5,7 +5,9 @@ from lib.config import Family, Param, _spec
 NB_06 = _spec(
     "biplanar (or N-view) X-ray to 3D CT with HybridCNNViTUNet3D, against the mean training volume",
     {
-        "cohort": Param("demo", str, "built-in cohort whose chest CTs and DRRs are used (lib.data.demo)", ("smoke", "demo")),
+        "cohort": Param("demo", str, "built-in cohort whose chest CTs and DRRs are used (lib.data.demo) when real_data is empty", ("smoke", "demo")),
+        "real_data": Param("", str, "a prepared chest CT dataset with DRRs to train on instead (folder or name; prod: lidc_idri, "
+                           "prepared as X2CT-GAN does); stops at once, saying how to get it if missing"),
         "views": Param(2, int, "radiographs per patient at angles spread over 180 degrees (1: frontal; 2: frontal + lateral; "
                        "4: 0/45/90/135); angles other than 0 and 90 are rendered from the CT (Beer-Lambert) and cached"),
         "image_size": Param(512, int, "radiographs are resampled to this many pixels per side (note: 512; divisible by 8)"),
@@ -37,7 +39,8 @@ NB_06 = _spec(
           "lr": 1e-3, "warmup_epochs": 1.0},
     subset={"image_size": 256, "base_channels": 16, "attention_channels": 256, "epochs": 30, "lr": 2e-4,
             "ckpt_every": 5, "num_workers": 2},
-    prod={"epochs": 60, "ckpt_every": 5, "num_workers": 4},
+    prod={"real_data": "lidc_idri", "volume_size": 128, "hu_min": -1024.0, "hu_max": 1476.0, "epochs": 60,
+          "ckpt_every": 5, "num_workers": 4},
 )
 
 NOTEBOOKS = {"06_xray_to_ct": NB_06}
