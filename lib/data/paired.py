@@ -118,9 +118,23 @@ class SeriesPairs(Dataset):
 
 # --------------------------------------------------------------------------- radiograph pairs
 
+FINDINGS = ("nodule", "consolidation", "effusion", "pneumothorax", "cardiomegaly")  # lib.data.phantoms.FINDINGS
+
+
+def finding_vector(*kinds: str) -> torch.Tensor:
+    """Multi-hot ``[len(FINDINGS)]`` of the findings named in ``kinds`` (each a ``;``-joined list, as pairs.csv)."""
+    named = {k for text in kinds if isinstance(text, str) for k in text.split(";") if k}  # NaN: none
+    unknown = named - set(FINDINGS)
+    if unknown:
+        raise ValueError(f"unknown finding(s) {sorted(unknown)}; known: {', '.join(FINDINGS)}")
+    return torch.tensor([float(k in named) for k in FINDINGS])
+
+
 class CXRPairs(Dataset):
     """Longitudinal radiograph pairs: ``baseline``, ``followup`` and (where the dataset has change maps)
-    ``change``, each ``[1, S, S]``; ``nuisance_only`` from ``pairs.csv`` (0 where it has no such column)."""
+    ``change``, each ``[1, S, S]``; ``nuisance_only`` from ``pairs.csv`` (0 where it has no such column);
+    where pairs.csv says which findings each image carries (``persistent``, ``resolved``, ``appeared``),
+    ``findings_baseline`` and ``findings_followup`` (multi-hot over :data:`FINDINGS`)."""
 
     def __init__(self, root: Cohort, split: str, size: int | None = None):
         self.cohort, self.size = cohort(root), size
@@ -149,6 +163,9 @@ class CXRPairs(Dataset):
         item["baseline"], item["followup"] = self._image(ds.file(row["a"])), self._image(ds.file(row["b"]))
         if self.has_change:
             item["change"] = self._image(ds.root / row["target_path"])
+        if {"persistent", "resolved", "appeared"} <= set(row.index):
+            item["findings_baseline"] = finding_vector(row["persistent"], row["resolved"])
+            item["findings_followup"] = finding_vector(row["persistent"], row["appeared"])
         return item
 
 

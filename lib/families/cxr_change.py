@@ -67,16 +67,22 @@ def loaders(cfg: Mapping[str, Any], data: Mapping[str, CXRPairs]) -> dict[str, D
 
 
 def augment_pairs(baseline: torch.Tensor, followup: torch.Tensor, change: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, findings: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple:
     """Per pair, at random: swap baseline and follow-up (the change map changes sign) and mirror left-right
-    (all three together). Both keep the pair physically consistent; tensors ``[B, C, S, S]``."""
+    (all three together). Both keep the pair physically consistent; tensors ``[B, C, S, S]``. With
+    ``findings`` (each image's multi-hot ``[B, K]``), they are swapped with their images and returned fourth."""
     n = baseline.shape[0]
     swap = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
     flip = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
     b, f = torch.where(swap, followup, baseline), torch.where(swap, baseline, followup)
     c = torch.where(swap, -change, change)
     b, f, c = (torch.where(flip, x.flip(-1), x) for x in (b, f, c))
-    return b, f, c
+    if findings is None:
+        return b, f, c
+    fb, ff = findings
+    s = swap.view(n, 1).to(fb.device)
+    return b, f, c, (torch.where(s, ff, fb), torch.where(s, fb, ff))
 
 
 # --------------------------------------------------------------------------- networks
@@ -190,17 +196,21 @@ def mim_example(cfg: Mapping[str, Any], mim: MaskedReconstructionModel, data: CX
 def train(cfg: Mapping[str, Any], model: nn.Module, data_loaders: Mapping[str, DataLoader], out_dir: str | Path,
           device: torch.device | None = None) -> loop.FitResult:
     """Train the change model with :func:`lib.train.fit` (only fusion and decoder with
-    ``cfg.freeze_encoder``), keep the best epoch by validation soft Dice and load its weights."""
+    ``cfg.freeze_encoder``; with the auxiliary networks of ``adv_weight`` / ``classify_weight``,
+    :mod:`lib.families.cxr_change_aux`), keep the best epoch by validation soft Dice and load its weights."""
+    from lib.families import cxr_change_aux as aux
+
     if cfg["freeze_encoder"]:
         freeze_encoder(model)
-    step, val = steps(cfg, "change")
-    optimizer = loop.adamw([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+    net = aux.wrap(cfg, model)
+    step, val = steps(cfg, "change") if net is model else aux.steps(cfg)
+    optimizer = loop.adamw([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"],
                            weight_decay=cfg["weight_decay"])
     settings = loop.TrainSettings.from_config(cfg, best_metric="val_soft_dice", best_mode="max")
-    result = loop.fit(model, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
+    result = loop.fit(net, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
                       val_loader=data_loaders["val"], val_step=val, settings=settings, resume=cfg["resume"],
                       device=device)
-    loop.load_weights(model, result.best_checkpoint or result.checkpoint)
+    loop.load_weights(net, result.best_checkpoint or result.checkpoint)
     return result
 
 
@@ -222,10 +232,11 @@ def predict(model: nn.Module, loader, device: torch.device, amp: bool = True) ->
             y = model(b, f)
         out["pred"].append(y.float().cpu())
         for k in ("baseline", "followup", "change", "nuisance_only"):
-            out[k].append(torch.as_tensor(batch[k]).cpu())
+            if k in batch:  # pairs without change maps (MS-CXR-T) have no change
+                out[k].append(torch.as_tensor(batch[k]).cpu())
         out["pair"] += list(batch["pair"])
     model.train(was)
-    return {k: v if k == "pair" else torch.cat(v) for k, v in out.items()}
+    return {k: v if k == "pair" else torch.cat(v) for k, v in out.items() if k == "pair" or v}
 
 
 def subtraction_baseline(baseline: torch.Tensor, followup: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
