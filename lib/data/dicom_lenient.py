@@ -219,9 +219,11 @@ def _read_headers(files: list[Path], drops: list[tuple[str, int, str]]) -> tuple
     return frames, modality
 
 
-def assemble(folder: Path) -> Series:
-    """The series in ``folder`` as one RAS volume, with notes on everything dropped, resampled or assumed."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+def assemble(folder: Path, files: list[Path] | None = None) -> Series:
+    """The series in ``folder`` (or of ``files``: e.g. only its ``.dcm`` files) as one RAS volume, with notes on
+    everything dropped, resampled or assumed."""
+    files = sorted(files) if files is not None else sorted(
+        p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
     drops: list[tuple[str, int, str]] = []
     frames, modality = _read_headers(files, drops)
     multi = len({f.path for f in frames}) != len(frames)
