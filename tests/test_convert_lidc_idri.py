@@ -168,6 +168,6 @@ def test_fixture_cli(tmp_path, capsys):
 
     assert main(["lidc_idri", "--out", str(tmp_path / "raw")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["dataset"] == "lidc_idri" and out["series"] == 4
+    assert out["dataset"] == "lidc_idri" and out["series"] == sum(s == "converted" for _, _, s in FIX.PATIENTS.values())
     assert len(list((tmp_path / "raw" / "LIDC-IDRI").iterdir())) == len(FIX.PATIENTS)
     assert {p.name for p in (tmp_path / "raw").rglob("*.dcm")} >= {"1-001.dcm", "000001.dcm"}  # both namings
