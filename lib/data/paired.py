@@ -143,7 +143,8 @@ class CXRPairs(Dataset):
         self.pairs = _typed(ds.pairs[ds.pairs["split"] == split].reset_index(drop=True)) if len(ds.pairs) else ds.pairs
         if self.pairs.empty:
             raise ValueError(f"no CXR pairs in split {split!r} of {self.cohort.root}")
-        self.has_change = "target_path" in self.pairs.columns and bool((self.pairs["target_path"].astype(str) != "").all())
+        raw = ds.pairs[ds.pairs["split"] == split] if len(ds.pairs) else ds.pairs  # as text: '' is no map
+        self.has_change = "target_path" in raw.columns and bool((raw["target_path"] != "").all())
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -5,8 +5,8 @@
 A converter module (``lib/data/convert/<dataset>.py``) declares:
 
 - ``NAME``, ``VERSION`` (bump it when its output changes: re-runs then convert again), ``INFO`` (the
-  ``dataset.json`` fields: source, licence, channels, labels, ...) and optionally ``info(options)`` (fields
-  that depend on the options, merged into them), ``MARKER`` (a file at the top of
+  ``dataset.json`` fields: source, licence, channels, labels, ...) and optionally ``info(src, options)``
+  (fields that depend on the raw source or the options, merged into them), ``MARKER`` (a file at the top of
   the raw download, used to find it under ``/kaggle/input`` or the data root), ``SPLIT_SEED`` and
   ``SPLIT_FRACTIONS`` (used where the dataset defines no split), optionally ``add_arguments(parser)``;
 - ``items(src, options) -> list[Item]``: the units of work (a series, an image, a run of slices), in a
@@ -249,7 +249,7 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
     mine_sources = {it.source for it in mine}
     done = _done(out, previous, module.VERSION, key, mine_sources)
     todo = [it for it in mine if it.source not in done]
-    extra = module.info(options) if hasattr(module, "info") else {}  # what depends on the options (e.g. a geometry)
+    extra = module.info(src, options) if hasattr(module, "info") else {}  # what depends on the source or options
     fmt.write_info(out, {**module.INFO, **extra, "name": module.NAME, "converter": f"lib.data.convert.{module.NAME}",
                          "converter_version": module.VERSION, "options": options})
     part, tables = out / "parts" / f"{i}-of-{n}", _Tables()

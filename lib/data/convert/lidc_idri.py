@@ -86,7 +86,7 @@ def angles(options: dict) -> list[float]:
     return [float(a) for a in str(options.get("angles") or "0,90").split(",") if a.strip()]
 
 
-def info(options: dict) -> dict:
+def info(src: Path, options: dict) -> dict:
     """``dataset.json``'s fields that depend on the options (the engine merges them into :data:`INFO`)."""
     return preparation(options)
 
