@@ -94,6 +94,13 @@ def how_to_get(name: str) -> str:
 
     out = prepared_dir(name)
     module = convert.get(name)
+    base = getattr(module, "FROM_PREPARED", None)  # made from another prepared dataset (ct_to_cxr_pairs)
+    if base:
+        found = find_prepared(base)
+        command = f"python -m lib.data.convert {name} --src {found or prepared_dir(base)} --out {out}"
+        if found:
+            return f"- {name}: not made yet from the prepared {base} at {found}. Make it with: {command}"
+        return how_to_get(base) + f"\n- {name}: then make it from the prepared {base} with: {command}"
     raw = find_raw(name, getattr(module, "MARKER", None))
     command = f"python -m lib.data.convert {name} --src {raw[0] if raw else raw_dir(name)} --out {out} --workers 4"
     if raw:

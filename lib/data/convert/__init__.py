@@ -330,10 +330,17 @@ def convert_all(spec: str, sources: str = "", *, workers: int = 1, shard: str | 
 
     src = parse_sources(sources)
     wanted = names() if spec.strip() == "auto" else [n.strip() for n in spec.split(",") if n.strip()]
+    wanted = sorted(wanted, key=lambda n: bool(getattr(get(n), "FROM_PREPARED", None)))  # derived ones last
     rows = []
     for name in wanted:
         module = get(name)
-        found = [Path(src[name])] if name in src else locate.find_raw(name, getattr(module, "MARKER", None))
+        base = getattr(module, "FROM_PREPARED", None)  # made from a prepared dataset, not from a download
+        if name in src:
+            found = [Path(src[name])]
+        elif base:
+            found = [p for p in [locate.find_prepared(base)] if p is not None]
+        else:
+            found = locate.find_raw(name, getattr(module, "MARKER", None))
         if not found:
             if spec.strip() != "auto":
                 raise FileNotFoundError(locate.how_to_get(name))

@@ -46,6 +46,7 @@ from lib.data import findings as fd
 from lib.data.convert import Item, Output, Refused
 
 NAME, VERSION, MARKER = "ct_to_cxr_pairs", "1", "dataset.json"
+FROM_PREPARED = "lidc_idri"  # the default source (--src takes any prepared chest CT)
 SPLIT_SEED, SPLIT_FRACTIONS = 0, (0.8, 0.1, 0.1)
 SEED = 5  # mixed into every pair's seed (bump VERSION with it)
 MIN_LUNG_ML = 300.0  # a CT with less lung than this is refused (not a chest CT, or no lungs in the field)
