@@ -144,6 +144,14 @@ def _reasons(out: Path) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- running
 
+def _share_cores(workers: int) -> None:
+    """In each worker: its share of the cores for libraries that start threads of their own (ITK/SimpleITK's
+    registration, OpenMP), read when they are first imported in the worker."""
+    n = str(max(1, (os.cpu_count() or 1) // workers))
+    for var in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, n)
+
+
 def _run_one(args: tuple) -> dict:
     module_name, item, src, out, options = args
     module = importlib.import_module(module_name)
@@ -272,7 +280,8 @@ def run(name: str | ModuleType, src: str | os.PathLike, out: str | os.PathLike, 
     args = [(module.__name__, it, str(src), str(out), options) for it in todo]
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"convert {name} ({i}/{n})", unit="item", disable=not progress)
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(args) > 1 else None
+    pool = (ProcessPoolExecutor(workers, initializer=_share_cores, initargs=(workers,))
+            if workers > 1 and len(args) > 1 else None)
     try:
         results: Iterable[dict] = pool.map(_run_one, args) if pool else map(_run_one, args)
         for k, result in enumerate(results, 1):
