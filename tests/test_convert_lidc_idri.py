@@ -8,6 +8,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from references import sitk_series
 from scipy import ndimage
 
 from lib.data import convert, drr, prepared
@@ -51,18 +52,7 @@ def test_geometry_and_hu_of_the_written_cube(converted):
         assert data.min() >= -1024 and data.max() <= 1476
 
 
-def _sitk(folder):
-    """The CT series read by SimpleITK (``.dcm`` files only), as a RAS NIfTI image."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    img = reader.Execute()
-    lps = np.eye(4)
-    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
-    lps[:3, 3] = img.GetOrigin()
-    array = sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float32)
-    return nib.as_closest_canonical(nib.Nifti1Image(array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps))
+_sitk = sitk_series  # SimpleITK: the independent reader
 
 
 def _on_grid(ref, img, mode="nearest"):

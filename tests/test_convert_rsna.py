@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from references import sitk_series
 
 from lib.data import convert, fixtures, prepared
 from lib.data.convert import rsna2025_aneurysm as rsna
@@ -154,17 +155,7 @@ def _dcm2niix(folder, out):
     return nib.as_closest_canonical(nib.load(path))
 
 
-def _sitk(folder):
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    img = reader.Execute()
-    lps = np.eye(4)
-    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
-    lps[:3, 3] = img.GetOrigin()
-    array = sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float32)
-    return nib.as_closest_canonical(nib.Nifti1Image(array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps))
+_sitk = sitk_series  # SimpleITK: the independent reader
 
 
 @pytest.mark.parametrize("reference", ["dcm2niix", "SimpleITK"])

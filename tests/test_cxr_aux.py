@@ -40,13 +40,19 @@ def test_without_weights_the_model_is_not_wrapped():
     assert aux.wrap(cfg, model) is model
 
 
-def test_the_discriminator_learns_only_from_its_own_loss(batch):
-    """The generator's adversarial term must not train the discriminator to be fooled: D's gradient from the
-    whole step equals the gradient of the discriminator loss alone."""
+def _adversarial_step(batch):
+    """A training step with the adversarial term only: the net (gradients filled) and the step's terms."""
     cfg, net = _net(adv_weight=0.5, classify_weight=0.0)
     net.train()
     loss, terms = aux.aux_step(net, batch, augment=False, dice_weight=1.0, adv_weight=0.5, classify_weight=0.0)
     loss.backward()
+    return net, terms
+
+
+def test_the_discriminator_learns_only_from_its_own_loss(batch):
+    """The generator's adversarial term must not train the discriminator to be fooled: D's gradient from the
+    whole step equals the gradient of the discriminator loss alone."""
+    net, terms = _adversarial_step(batch)
     whole = _grads(net.discriminator)
     net.zero_grad()
     b, f, c = batch["baseline"], batch["followup"], batch["change"]
@@ -62,10 +68,7 @@ def test_the_discriminator_learns_only_from_its_own_loss(batch):
 
 
 def test_the_adversarial_term_reaches_the_change_model(batch):
-    cfg, net = _net(adv_weight=0.5, classify_weight=0.0)
-    net.train()
-    loss, _ = aux.aux_step(net, batch, augment=False, dice_weight=1.0, adv_weight=0.5, classify_weight=0.0)
-    loss.backward()
+    net, _ = _adversarial_step(batch)
     with_adv = _grads(net.change)
     net.zero_grad()
     plain, _ = change_loss(net(batch["baseline"], batch["followup"]), batch["change"], 1.0)
