@@ -7,25 +7,17 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from lib import paths
 from lib.data import fixtures, prepared
+from references import execute_notebook, only_run
 
 DATASETS = ("openmind", "rsna2025_aneurysm", "deeplesion")
 pytestmark = pytest.mark.slow
 
 
-def _execute(name, out, **parameters):
-    return papermill.execute_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"), str(out), parameters=parameters,
-                                      kernel_name="python3", progress_bar=False)
-
-
-def _run_record(results, notebook):
-    (run_dir,) = (results / notebook).iterdir()
-    return run_dir, json.loads((run_dir / "run.json").read_text())
+_execute, _run_record = execute_notebook, only_run
 
 
 @pytest.fixture(scope="module")

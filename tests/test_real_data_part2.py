@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-import papermill
 import pandas as pd
 import pytest
 
 from lib import config, paths
 from lib.families import common
+from references import execute_notebook, only_run
 
 SMALL = {  # converter options that keep the fixtures' conversions to seconds
     "lidc_idri": ["--size", "48", "--spacing", "8", "--drr-size", "32"],
@@ -26,14 +26,7 @@ def _cli(*args):
     return done.stdout
 
 
-def _execute(name, out, **parameters):
-    return papermill.execute_notebook(str(paths.NOTEBOOKS_DIR / f"{name}.ipynb"), str(out), parameters=parameters,
-                                      kernel_name="python3", progress_bar=False)
-
-
-def _record(results, notebook):
-    (run_dir,) = (results / notebook).iterdir()
-    return run_dir, json.loads((run_dir / "run.json").read_text())
+_execute, _run_record = execute_notebook, only_run
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +57,11 @@ def test_04_05_06_train_on_real_data_and_07_says_which(prepared, monkeypatch):
             "06_xray_to_ct": {"real_data": str(data["lidc_idri"])}}
     for notebook, params in runs.items():
         _execute(notebook, tmp / f"{notebook}.ipynb", preset="smoke", **params)
-        run_dir, record = _record(results, notebook)
+        run_dir, record = _run_record(results, notebook)
         assert record["status"] == "completed" and record["config"]["real_data"] == params["real_data"], notebook
     assert not (tmp / "data" / "smoke").exists()  # trained on the real data only
 
-    run_05, _ = _record(results, "05_cxr_change")
+    run_05, _ = _run_record(results, "05_cxr_change")
     external = pd.read_csv(run_05 / "external_ms_cxr_t.csv")
     assert (external["finding"] == "all").any() and external[["auc_model", "auc_subtraction"]].stack().between(0, 1).all()
     assert list(pd.read_csv(run_05 / "aux" / "aux_ablation.csv")["arm"]) == ["without", "adversarial", "classification"]
