@@ -5,6 +5,10 @@
     python -m lib.kaggle status 03_pretrain --preset prod --user NAME
     python -m lib.kaggle output 03_pretrain --preset prod --user NAME   # -> results/03_pretrain/kaggle-<kernel>/
 
+    # a code-competition submission kernel (RSNA 2025): internet off, the competition and the trained run attached
+    python -m lib.kaggle build 09_rsna_aneurysm --preset prod --competition rsna-intracranial-aneurysm-detection \
+        --internet off --submission NAME/medimg-09-weights --user NAME   # kernel <title> + " submit"
+
 ``build`` writes ``build/kaggle/<kernel-slug>/``::
 
     kernel-metadata.json   every field explicit; T4 x2 via machine_shape "NvidiaTeslaT4"
@@ -12,6 +16,14 @@
     code/                  the code dataset <user>/medimg-lib-code: lib/, data_manifest.csv, pyproject.toml,
                            medimg_bootstrap.py, BUILD_INFO.json, dataset-metadata.json, and with
                            --internet off wheels/ + requirements-kaggle.txt for what the Kaggle image lacks
+
+``--submission OWNER/SLUG`` (a Kaggle dataset holding the trained run folder) makes a submission kernel:
+the dataset is attached, the notebook's ``mode`` becomes ``submit`` and its ``weights`` the dataset's path
+``/kaggle/input/<slug>`` (the notebook resolves deeper mounts: ``lib.families.rsna_submission.resolve_weights``;
+``-p weights /kaggle/input/<slug>/<run>`` to point inside it); the build refuses it without
+``--competition`` or with internet on (code competitions run offline). Its kernel is a separate one (title
+``... submit``; pass ``--submission`` to push/status/output too). Submit a finished version with
+``kaggle competitions submit <competition> -k <kernel> -v <version> -f submission.parquet -m MSG``.
 
 Push does not run papermill: the parameters are baked in at build time. The code dataset is uploaded
 with ``-r zip`` (the CLI's default ``-r skip`` silently drops subfolders such as ``lib/data``).
@@ -42,6 +54,7 @@ CODE_DATASET = "medimg-lib-code"
 # as the image has them).
 OFFLINE_WHEELS = ("monai", "einops", "nibabel", "pydicom", "pydicom-data", "nilearn")
 GPUS = ("t4x2", "none")
+KAGGLE_INPUT = "/kaggle/input"  # where Kaggle mounts attached datasets (at <slug>/ or deeper)
 _DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*/[a-z0-9][a-z0-9-]{2,49}$")
 _COMPETITION = re.compile(r"^[a-z0-9][a-z0-9-]{2,99}$")
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{1,49}$")
@@ -77,10 +90,18 @@ class Bundle:
     kernels: list[str] = field(default_factory=list)  # kernels whose output is attached (kernel_sources)
     title: str | None = None
     wheels_from: Path | None = None
+    submission: str | None = None  # owner/slug of the dataset with the trained run: a code-competition submission
 
     def __post_init__(self) -> None:
         self.notebook = resolve_notebook(self.notebook)
-        config.resolve(self.notebook.stem, self.preset, **self.params)  # unknown preset/parameter/type -> ValueError
+        if self.submission is not None:
+            self.params = _submission_params(self.submission, self.params)
+        try:
+            config.resolve(self.notebook.stem, self.preset, **self.params)  # unknown preset/parameter/type -> ValueError
+        except ValueError as e:
+            if self.submission is None:
+                raise
+            raise ValueError(f"--submission needs a notebook with the parameters mode (submit) and weights: {e}") from None
         if not _USER.match(self.user or ""):
             raise ValueError(f"--user {self.user!r} is not a Kaggle user name")
         if self.gpu not in GPUS:
@@ -94,7 +115,8 @@ class Bundle:
                 raise ValueError(f"--kernel {k!r} is not a Kaggle kernel slug (owner/slug)")
         if self.competition is not None and not _COMPETITION.match(self.competition):
             raise ValueError(f"--competition {self.competition!r} is not a Kaggle competition slug")
-        self.title = self.title or f"medimg {self.notebook.stem.replace('_', ' ')} {self.preset}"
+        self.title = self.title or (f"medimg {self.notebook.stem.replace('_', ' ')} {self.preset}"
+                                    + (" submit" if self.submission else ""))
         if len(self.title) < 5 or len(self.title) > 50:
             raise ValueError(f"--title {self.title!r}: Kaggle needs a title of 5 to 50 characters")
         if len(self.slug) < 5:
@@ -112,15 +134,39 @@ class Bundle:
     def code_dataset(self) -> str:
         return f"{self.user}/{CODE_DATASET}"
 
+    def check_buildable(self) -> None:
+        """What only a build needs: a submission kernel is a code-competition kernel (competition, no internet)."""
+        if self.submission is None:
+            return
+        if self.competition is None:
+            raise ValueError("--submission: name the code competition with --competition SLUG")
+        if self.internet:
+            raise ValueError("--submission: a code competition's notebook runs without internet: pass --internet off")
+
+    @property
+    def dataset_sources(self) -> list[str]:
+        extra = [self.submission] if self.submission else []
+        return list(dict.fromkeys([self.code_dataset, *self.datasets, *extra]))
+
     def metadata(self) -> dict:
         return {
             "id": self.kernel_id, "title": self.title, "code_file": self.notebook.name, "language": "python",
             "kernel_type": "notebook", "is_private": True, "enable_gpu": self.gpu != "none", "enable_tpu": False,
             "enable_internet": self.internet, "machine_shape": "NvidiaTeslaT4" if self.gpu == "t4x2" else None,
-            "dataset_sources": [self.code_dataset, *self.datasets],
+            "dataset_sources": self.dataset_sources,
             "competition_sources": [self.competition] if self.competition else [],
             "kernel_sources": list(self.kernels), "model_sources": [], "keywords": [],
         }
+
+
+def _submission_params(dataset: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with ``mode = "submit"`` and ``weights`` at the attached dataset (unless given)."""
+    if not _DATASET.match(dataset):
+        raise ValueError(f"--submission {dataset!r} is not a Kaggle dataset slug (owner/slug)")
+    if params.get("mode") not in (None, "submit"):
+        raise ValueError(f"--submission runs the notebook with mode 'submit', not -p mode {params['mode']!r}")
+    weights = params.get("weights") or f"{KAGGLE_INPUT}/{dataset.split('/')[1]}"
+    return {**params, "mode": "submit", "weights": weights}
 
 
 def resolve_notebook(name: str | Path) -> Path:
@@ -216,6 +262,7 @@ def _notebook(src: Path, dst: Path, bundle: Bundle) -> None:
 
 def build(bundle: Bundle, out_root: str | Path | None = None) -> Path:
     """Write ``build/kaggle/<slug>/`` for ``bundle`` (replacing an older build; all or nothing)."""
+    bundle.check_buildable()
     out_root = Path(out_root or paths.ROOT / "build" / "kaggle")
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / bundle.slug
@@ -290,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("-p", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
         p.add_argument("--user", default=None, help="Kaggle user name (default: $KAGGLE_USERNAME or kaggle.json)")
         p.add_argument("--title", default=None)
+        p.add_argument("--submission", default=None, metavar="OWNER/SLUG",
+                       help="a code-competition submission kernel: the dataset holding the trained run folder "
+                            "(mode submit, weights there; needs --competition and --internet off)")
         if name == "build":
             p.add_argument("--gpu", default="t4x2", choices=GPUS)
             p.add_argument("--internet", default="on", choices=("on", "off"))
@@ -308,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = dict(gpu=args.gpu, internet=args.internet == "on", datasets=args.dataset, competition=args.competition,
                      kernels=args.kernel,
                      wheels_from=args.wheels) if args.command == "build" else {}
-        bundle = Bundle(args.notebook, args.preset, user, {k: _parse_value(v) for k, v in args.p}, title=args.title, **extra)
+        bundle = Bundle(args.notebook, args.preset, user, {k: _parse_value(v) for k, v in args.p}, title=args.title,
+                        submission=args.submission, **extra)
         folder = paths.ROOT / "build" / "kaggle" / bundle.slug
         if args.command == "build":
             folder = build(bundle)

@@ -13,6 +13,8 @@ Conventions, because papers differ (X2CT-GAN's PSNR uses a peak of 4095 on a [0,
 - :func:`cosine_similarity`: of the flattened sample vectors.
 - :func:`dice`: binary masks (anything > 0 is foreground); two empty masks score ``empty``.
 - :func:`auc`: ROC AUC of scores against binary labels over all given elements (scikit-learn).
+- :func:`rsna_weighted_auc`: the RSNA 2025 aneurysm metric (per-column AUC, ``Aneurysm Present`` weighted 13,
+  each location 1; single-class location columns left out, weights renormalised).
 """
 
 from __future__ import annotations
@@ -214,3 +216,56 @@ def changed_voxel_mae(pred: torch.Tensor, target: torch.Tensor, baseline: torch.
     n = mask.sum(1)
     err = ((pred - target).abs() * scale * mask).sum(1)
     return torch.where(n > 0, err / n.clamp_min(1), torch.full_like(n, float("nan"))), n.long()
+
+
+# --------------------------------------------------------------------------- RSNA 2025 aneurysm (09_rsna_aneurysm)
+
+RSNA_PRESENT = "Aneurysm Present"
+RSNA_PRESENT_WEIGHT, RSNA_LOCATION_WEIGHT = 13.0, 1.0
+
+
+def rsna_weighted_auc(y_true, y_score, labels=None) -> dict:
+    """The RSNA 2025 Intracranial Aneurysm Detection metric: weighted multilabel ROC AUC.
+
+    ``y_true`` (binary) and ``y_score`` are ``[n, 14]`` arrays (numpy or torch) in the competition's column
+    order: the 13 locations, then ``Aneurysm Present`` (``lib.data.convert.rsna2025_aneurysm.LABELS``).
+    ``labels``: the 14 column names (default: ``location 0`` .. ``location 12``, ``Aneurysm Present``); the
+    column named ``Aneurysm Present`` gets weight 13, every other column weight 1, and the score is
+    ``(13 * AUC_present + sum(AUC_location)) / 26``. Each column's AUC is scikit-learn's ``roc_auc_score``.
+
+    Rule for a column whose truth holds a single class (its AUC undefined, e.g. a rare location absent
+    from a small validation split): its AUC is NaN, it is left out, and the weights of the remaining
+    columns are renormalised: ``score = sum(w_i * AUC_i) / sum(w_i)`` over the defined columns. If
+    ``Aneurysm Present`` itself is single-class, ValueError (the score would be meaningless).
+
+    Returns ``{"score": float, "auc": {label: AUC or NaN}, "weights": {label: weight used (0 if left
+    out)}, "skipped": [labels left out]}``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(torch.as_tensor(y_true).detach().cpu().double())
+    s = np.asarray(torch.as_tensor(y_score).detach().cpu().double())
+    names = list(labels) if labels is not None else [f"location {i}" for i in range(13)] + [RSNA_PRESENT]
+    if y.ndim != 2 or y.shape[1] != 14 or s.shape != y.shape:
+        raise ValueError(f"rsna_weighted_auc: need y_true and y_score of shape [n, 14] (13 locations, then "
+                         f"{RSNA_PRESENT}), got {tuple(y.shape)} and {tuple(s.shape)}")
+    if len(names) != 14 or len(set(names)) != 14 or RSNA_PRESENT not in names:
+        raise ValueError(f"rsna_weighted_auc: labels must be 14 distinct names including {RSNA_PRESENT!r}, "
+                         f"got {len(names)}: {names}")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("rsna_weighted_auc: y_true must hold only 0 and 1")
+    if not np.isfinite(s).all():
+        raise ValueError("rsna_weighted_auc: y_score holds NaN or infinite values")
+    aucs, weights, skipped = {}, {}, []
+    for j, name in enumerate(names):
+        w = RSNA_PRESENT_WEIGHT if name == RSNA_PRESENT else RSNA_LOCATION_WEIGHT
+        if y[:, j].min() == y[:, j].max():  # one class only (or n == 1): undefined
+            if name == RSNA_PRESENT:
+                raise ValueError(f"rsna_weighted_auc: {RSNA_PRESENT!r} holds a single class "
+                                 f"({int(y[0, j])} for all {len(y)} series); the score is meaningless")
+            aucs[name], weights[name] = float("nan"), 0.0
+            skipped.append(name)
+            continue
+        aucs[name], weights[name] = float(roc_auc_score(y[:, j], s[:, j])), w
+    score = sum(weights[n] * aucs[n] for n in names if weights[n]) / sum(weights.values())
+    return {"score": float(score), "auc": aucs, "weights": weights, "skipped": skipped}

@@ -224,3 +224,90 @@ def test_roots_follow_kaggle_and_can_be_pointed_elsewhere(tmp_path, monkeypatch)
     assert paths.find_inputs("smoke/cohort.json") == [tmp_path / "in/datasets/owner/slug/smoke/cohort.json"]
     monkeypatch.setenv("MEDIMG_RESULTS_DIR", str(tmp_path / "elsewhere"))
     assert paths.results_dir() == tmp_path / "elsewhere"
+
+
+# --------------------------------------------------------------------------- code-competition submission (09)
+
+COMPETITION = "rsna-intracranial-aneurysm-detection"
+
+
+@pytest.fixture
+def notebook_09(tmp_path, monkeypatch):
+    """A stand-in for notebooks/09_rsna_aneurysm.ipynb (its parameters cell only), in a notebooks folder of its
+    own: the injection of 09's parameters is tested whether or not the real notebook exists yet."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"},
+                                            "language_info": {"name": "python"}})
+    params = nbformat.v4.new_code_cell('preset = "smoke"\nmode = "train"\nweights = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# 09 RSNA aneurysm (stand-in)"), params,
+                nbformat.v4.new_code_cell("print(mode, weights)")]
+    nbformat.write(nb, folder / "09_rsna_aneurysm.ipynb")
+    monkeypatch.setattr(paths, "NOTEBOOKS_DIR", folder)
+    return folder / "09_rsna_aneurysm.ipynb"
+
+
+def test_submission_bundle_is_a_code_competition_kernel(notebook_09, tmp_path):
+    b = kaggle.Bundle("09_rsna_aneurysm", "prod", "tester", internet=False, competition=COMPETITION,
+                      submission="tester/medimg-09-weights", wheels_from=_dummy_wheel(tmp_path / "wheels"))
+    folder = kaggle.build(b, tmp_path / "build")
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta["id"] == "tester/medimg-09-rsna-aneurysm-prod-submit"  # not the training kernel's id
+    assert meta["enable_internet"] is False and meta["competition_sources"] == [COMPETITION]
+    assert meta["dataset_sources"] == ["tester/medimg-lib-code", "tester/medimg-09-weights"]
+    assert (folder / "code" / "requirements-kaggle.txt").read_text().split() == ["medimg-probe==1.0"]  # offline wheels
+    assert json.loads((folder / "code" / "BUILD_INFO.json").read_text())["params"] == {
+        "mode": "submit", "weights": "/kaggle/input/medimg-09-weights"}
+    nb = nbformat.read(folder / "09_rsna_aneurysm.ipynb", as_version=4)
+    injected = next(c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert 'preset = "prod"' in injected and 'mode = "submit"' in injected
+    assert 'weights = "/kaggle/input/medimg-09-weights"' in injected
+
+    api, calls = _offline_api()
+    api.kernels_push(str(folder))  # the kaggle package's own checks
+    request = calls["request"]
+    assert request.slug == "tester/medimg-09-rsna-aneurysm-prod-submit" and request.enable_internet is False
+    assert request.competition_data_sources == [COMPETITION]
+    assert request.dataset_data_sources == ["tester/medimg-lib-code", "tester/medimg-09-weights"]
+
+
+def test_submission_weights_can_point_inside_the_dataset(notebook_09):
+    b = kaggle.Bundle("09_rsna_aneurysm", "prod", "tester", {"weights": "/kaggle/input/medimg-09-weights/run-3"},
+                      internet=False, competition=COMPETITION, submission="tester/medimg-09-weights",
+                      datasets=["tester/medimg-09-weights"])
+    assert b.params == {"weights": "/kaggle/input/medimg-09-weights/run-3", "mode": "submit"}
+    assert b.metadata()["dataset_sources"] == ["tester/medimg-lib-code", "tester/medimg-09-weights"]  # once
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"competition": None}, "name the code competition with --competition"),
+    ({"internet": True}, "runs without internet: pass --internet off"),
+    ({"submission": "no-owner"}, "--submission 'no-owner' is not a Kaggle dataset slug"),
+    ({"params": {"mode": "train"}}, "with mode 'submit', not -p mode 'train'"),
+    ({"notebook": "03_pretrain"}, "--submission needs a notebook with the parameters mode (submit) and weights"),
+])
+def test_bad_submission_arguments_fail_before_anything_is_written(notebook_09, tmp_path, kwargs, message):
+    shutil.copy2(paths.ROOT / "notebooks" / "03_pretrain.ipynb",
+                 notebook_09.parent / "03_pretrain.ipynb")
+    args = {"notebook": "09_rsna_aneurysm", "preset": "prod", "user": "tester", "internet": False,
+            "competition": COMPETITION, "submission": "tester/medimg-09-weights", **kwargs}
+    with pytest.raises(ValueError) as e:
+        kaggle.build(kaggle.Bundle(**args), tmp_path / "build")
+    assert message in str(e.value)
+    assert not (tmp_path / "build").exists()
+
+
+def test_cli_submission_flags_reach_the_bundle(notebook_09, tmp_path, monkeypatch, capsys):
+    built = []
+    monkeypatch.setattr(kaggle, "build", lambda bundle: built.append(bundle) or tmp_path)
+    argv = ["09_rsna_aneurysm", "--preset", "prod", "--user", "tester", "--submission", "tester/medimg-09-weights"]
+    assert kaggle.main(["build", *argv, "--competition", COMPETITION, "--internet", "off"]) == 0
+    (b,) = built
+    assert b.submission == "tester/medimg-09-weights" and b.params == {"mode": "submit",
+                                                                       "weights": "/kaggle/input/medimg-09-weights"}
+    assert b.metadata()["competition_sources"] == [COMPETITION] and b.internet is False
+    capsys.readouterr()
+    assert kaggle.main(["push", *argv]) == 2  # push finds the submission kernel's own folder (not built here)
+    assert "build/kaggle/medimg-09-rsna-aneurysm-prod-submit does not exist" in capsys.readouterr().err
