@@ -40,12 +40,28 @@ def pytest_collection_modifyitems(config, items):
         if type(item).__module__.startswith("nbval"):
             item.add_marker(pytest.mark.slow)
             by_nbval.add(item.path.stem)
+    _feed_07_first(items)
     twice = [item for item in items if item.get_closest_marker("executes_notebook")
              and item.callspec.params.get("path") is not None and item.callspec.params["path"].stem in by_nbval]
     if twice:
         config.hook.pytest_deselected(items=twice)
         items[:] = [item for item in items if item not in twice]
         config._medimg_deselected = sorted(item.callspec.params["path"].stem for item in twice)
+
+
+def _feed_07_first(items):
+    """nbval's cells of the notebooks whose results 07_evaluate reports (``lib.pipeline.FEED_07``, numbered after
+    it) move, as a block, just before 07's cells: the order ``make demo`` runs them in."""
+    from lib.pipeline import FEED_07
+
+    nbval = [i for i, item in enumerate(items) if type(item).__module__.startswith("nbval")]
+    feeding = [items[i] for i in nbval if items[i].path.stem in FEED_07]
+    first_07 = next((i for i in nbval if items[i].path.stem == "07_evaluate"), None)
+    if not feeding or first_07 is None:
+        return
+    rest = [item for item in items if item not in feeding]
+    at = rest.index(items[first_07])
+    items[:] = rest[:at] + feeding + rest[at:]
 
 
 def pytest_terminal_summary(terminalreporter, config):

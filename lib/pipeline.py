@@ -32,9 +32,14 @@ class NotebookFailed(RuntimeError):
         self.notebook, self.run_dir, self.message = notebook, run_dir, message
 
 
+FEED_07 = ("09_rsna_aneurysm",)  # numbered after 07_evaluate, whose summary reports them: they run before it
+
+
 def list_notebooks(folder: str | os.PathLike = paths.NOTEBOOKS_DIR) -> list[Path]:
-    """The numbered notebooks of ``folder``, in order."""
-    return sorted(p for p in Path(folder).iterdir() if NOTEBOOK_PATTERN.match(p.name))
+    """The numbered notebooks of ``folder``, in the order they run: by number, except that those of
+    :data:`FEED_07` come just before 07_evaluate."""
+    found = sorted(p for p in Path(folder).iterdir() if NOTEBOOK_PATTERN.match(p.name))
+    return sorted(found, key=lambda p: ("07", 0, p.name) if p.stem in FEED_07 else (p.stem[:2], 1, p.name))
 
 
 @contextlib.contextmanager

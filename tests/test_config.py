@@ -5,7 +5,7 @@ from lib import config
 
 def test_every_notebook_has_the_four_presets_and_each_resolves():
     assert list(config.NOTEBOOKS) == ["01_explore_data", "02_prepare_data", "03_pretrain", "04_ct_diffusion",
-                                      "05_cxr_change", "06_xray_to_ct", "07_evaluate", "08_visualize"]
+                                      "05_cxr_change", "06_xray_to_ct", "07_evaluate", "08_visualize", "09_rsna_aneurysm"]
     for name, spec in config.NOTEBOOKS.items():
         assert tuple(spec.presets) == config.PRESETS
         for preset in config.PRESETS:

@@ -101,8 +101,9 @@ class BlobClassifier(nn.Module):
         return self.head(features.flatten(2).mean(-1)).squeeze(-1)
 
 
-def make_model(arm: str, pretrained: nn.Module, seed: int) -> BlobClassifier:
-    """The classifier of ``arm`` around a copy of ``pretrained`` (``scratch``: a fresh encoder of its shape)."""
+def arm_encoder(arm: str, pretrained: nn.Module, seed: int) -> nn.Module:
+    """The encoder of ``arm``: a copy of ``pretrained`` (``finetune``; ``probe``: frozen, in eval mode) or a
+    fresh encoder of its shape (``scratch``), seeded by ``seed``."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
     torch.manual_seed(seed)
@@ -113,7 +114,12 @@ def make_model(arm: str, pretrained: nn.Module, seed: int) -> BlobClassifier:
         encoder.return_intermediate = False
     encoder.requires_grad_(arm != "probe")
     encoder.train(arm != "probe")
-    return BlobClassifier(encoder, pretrained.embed_dim)
+    return encoder
+
+
+def make_model(arm: str, pretrained: nn.Module, seed: int) -> BlobClassifier:
+    """The classifier of ``arm`` around a copy of ``pretrained`` (``scratch``: a fresh encoder of its shape)."""
+    return BlobClassifier(arm_encoder(arm, pretrained, seed), pretrained.embed_dim)
 
 
 def train_step(model: BlobClassifier, batch: Any) -> torch.Tensor:

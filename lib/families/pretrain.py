@@ -353,5 +353,19 @@ def downstream_rows(run_dir: str | Path, cfg: Mapping[str, Any], out_dir: str | 
     root, _ = demo.ensure(cfg["cohort"])
     table = downstream.compare(encoder, root, Path(out_dir) / "downstream", cfg, device)
     write_csv(Path(out_dir) / "downstream.csv", table)
-    return [{**r, "family": FAMILY, "preset": cfg["preset"], "run_id": Path(run_dir).name}
+    rows = [{**r, "family": FAMILY, "preset": cfg["preset"], "run_id": Path(run_dir).name}
             for r in downstream.summary_rows(table)]
+    rsna = rsna_rows(cfg)
+    return [{**r, "headline": False} for r in rows] + rsna if rsna else rows
+
+
+def rsna_rows(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the 09_rsna_aneurysm run ``cfg.run_09`` (or the newest completed one at this preset): the
+    job the pre-training exists for, whose fine-tuned-against-scratch row becomes the family's headline;
+    ``[]`` when there is none."""
+    from lib import summary
+
+    run = summary.latest_run("09_rsna_aneurysm", cfg["preset"], cfg.get("run_09") or None)
+    if run is None or not (run / "heldout_metrics.json").is_file():
+        return []
+    return summary.run_rows(FAMILY, run, cfg["preset"])

@@ -10,6 +10,8 @@ NB_07 = _spec(
         "run_04": Param("", str, "run id of 04_ct_diffusion; '' = latest completed at this preset"),
         "run_05": Param("", str, "run id of 05_cxr_change; '' = latest completed at this preset"),
         "run_06": Param("", str, "run id of 06_xray_to_ct; '' = latest completed at this preset"),
+        "run_09": Param("", str, "run id of 09_rsna_aneurysm (the SSL family's headline when there is one); '' = latest "
+                        "completed at this preset"),
         "downstream_seeds": Param(3, int, "seeds of the SSL downstream comparison (scratch vs pre-trained)"),
         "downstream_epochs": Param(8, int, "epochs of each downstream training (same budget for both arms)"),
         "downstream_size": Param(32, int, "input size (voxels per axis) of the downstream task"),

@@ -165,3 +165,18 @@ def frame_strips(input_hu, target_hu, generated_hu, title: str = "", window: tup
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def label_efficiency(summary, title: str = "RSNA 2025 aneurysm detection: label efficiency"):
+    """09_rsna_aneurysm's curve: test weighted AUC (mean ± std over seeds) against the fraction of training
+    labels, one line per arm (``summary``: columns label_fraction, arm, mean, std, count)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
+    for arm, sub in summary.groupby("arm", sort=False):
+        sub = sub.sort_values("label_fraction")
+        ax.errorbar(sub["label_fraction"], sub["mean"], yerr=sub["std"].fillna(0), marker="o", capsize=3, label=arm)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="fraction of the training series (labels)", ylabel="test weighted AUC (competition)", title=title)
+    ax.legend()
+    return fig

@@ -140,8 +140,21 @@ def _points(series, localizers: list[dict], affine: np.ndarray, shape: tuple, ui
     return points, notes
 
 
+def read_series(folder: Path, listed_modality: str | None = None):
+    """One series folder as the converter reads it (and 09's submission, which must see what training saw):
+    ``(series, sequence, modality)``: :func:`lib.data.dicom_lenient.assemble`'s series (RAS, CT in HU), the
+    competition's Modality (``listed_modality`` from train.csv, else guessed from the DICOM: CT -> CTA, MR ->
+    MRI) and the project's modality (``CT`` or ``MRI``). Raises ``DicomSeriesError`` for a series that
+    cannot become one volume."""
+    from lib.data.dicom_lenient import assemble
+
+    series = assemble(Path(folder))
+    sequence = listed_modality or {"CT": "CTA", "MR": "MRI"}.get(series.modality, series.modality)
+    return series, sequence, MODALITIES.get(sequence, "CT" if series.modality == "CT" else "MRI")
+
+
 def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
-    from lib.data.dicom_lenient import DicomSeriesError, assemble
+    from lib.data.dicom_lenient import DicomSeriesError
 
     uid, row = item.key, item.payload["row"]
     folder = src / "series" / uid
@@ -151,11 +164,9 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     if wanted and (row or {}).get("Modality") not in wanted:
         raise Refused(f"filtered: modality {(row or {}).get('Modality', '?')} not in {','.join(wanted)}")
     try:
-        series = assemble(folder)
+        series, sequence, modality = read_series(folder, (row or {}).get("Modality"))
     except DicomSeriesError as e:
         raise Refused(str(e)) from None
-    sequence = row["Modality"] if row else {"CT": "CTA", "MR": "MRI"}.get(series.modality, series.modality)
-    modality = MODALITIES.get(sequence, "CT" if series.modality == "CT" else "MRI")
     array = series.array[0]
     integral = bool(np.all(np.mod(array, 1) == 0)) and array.min() >= -32768 and array.max() <= 32767
     dtype = np.int16 if modality == "CT" or integral else np.float32  # CT: HU, rounded after any resampling
