@@ -129,3 +129,31 @@ def test_predict_reads_like_the_converter_and_falls_back_for_a_refused_series(rs
     times = sub.timing(predictor.log, sub.model_flops(loaded))
     assert {"read_s", "model_s", "total_s"} <= set(times["stage"]) and times["mean_s"].notna().all()
 
+
+
+def test_07_reports_09_as_the_ssl_headline_and_demotes_the_blob_task(tmp_path, monkeypatch):
+    from lib.checkpoint import save_encoder
+    from lib.families import downstream, pretrain
+    from lib.families.results import write_heldout
+    from lib.runs import start_run
+
+    monkeypatch.setenv("MEDIMG_RESULTS_DIR", str(tmp_path / "results"))
+    cfg = config.resolve("07_evaluate", "smoke")
+    assert pretrain.rsna_rows(cfg) == []  # no 09 run: the blob task stays the headline
+    run = start_run(NB, "smoke")
+    table = pd.DataFrame([{"arm": a, "label_fraction": 1.0, "seed": 0, "weighted_auc": v}
+                          for a, v in (("finetune", 0.61), ("scratch", 0.66), ("probe", 0.52))])
+    write_heldout(run.dir, rsna.heldout_rows(table, n_test=12))
+    run.finish()
+    save_encoder(_encoder(), tmp_path / "03" / "encoder.pt")
+    blob = pd.DataFrame([{"arm": a, "seed": 0, "test_auc": v, "n_test": 8} for a, v in
+                         (("scratch", 0.9), ("finetune", 0.95), ("probe", 0.8))])
+    monkeypatch.setattr(downstream, "compare", lambda *a, **k: blob)
+    monkeypatch.setattr(pretrain.demo, "ensure", lambda *a, **k: (tmp_path, {}))
+    rows = pretrain.downstream_rows(tmp_path / "03", cfg, tmp_path / "07", torch.device("cpu"))
+    heads = [r for r in rows if r["headline"]]
+    assert len(heads) == 1 and "RSNA 2025" in heads[0]["task"] and heads[0]["run_id"] == run.run_id
+    assert heads[0]["value"] == pytest.approx(0.61) and heads[0]["baseline_value"] == pytest.approx(0.66)
+    assert any("blob" in r["task"] and not r["headline"] for r in rows)
+    from lib.summary import verdict
+    assert verdict(heads[0]) == "WORSE than baseline"  # said as measured
