@@ -22,6 +22,7 @@ EXPECTED = {  # section -> keys every row of it has
     "memory": {"name", "params_m", "state_gb", "act_gb_per_sample_autocast", "act_gb_per_sample_checkpointing",
                "max_batch_autocast", "max_batch_checkpointing", "preset_batch"},
     "convert": {"name", "workers", "series", "files"},
+    "submission": {"name", "series", "preset", "seconds"},
 }
 
 

@@ -22,6 +22,8 @@ SECTIONS: dict[str, tuple[str, str, str, str | None]] = {
     "memory": ("lib.bench.families", "memory_estimate", "7. Memory estimate at prod on a 16 GB GPU (T4)", None),
     "convert": ("lib.bench.convert", "conversion", "8. Conversion: DICOM series to the prepared format, beside dcm2niix",
                 None),
+    "submission": ("lib.bench.submission", "per_series", "9. RSNA submission: time per series, DICOM to 14 probabilities",
+                   None),
 }
 
 
