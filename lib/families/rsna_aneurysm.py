@@ -321,7 +321,7 @@ def truth(sets: Mapping[str, SeriesSet], image_ids) -> np.ndarray:
 
 def score(pred: pd.DataFrame, sets: Mapping[str, SeriesSet]) -> dict[str, float]:
     """The competition's weighted AUC and each label's AUC (NaN where the split holds one class)."""
-    result = metrics.rsna_weighted_auc(truth(sets, pred["image_id"]), pred[LABELS].to_numpy(), labels=LABELS)
+    result = metrics.rsna_weighted_auc(truth(sets, pred["image_id"]), pred[LABELS].to_numpy(copy=True), labels=LABELS)
     return {"weighted_auc": float(result["score"]), **{f"auc {k}": float(v) for k, v in result["auc"].items()}}
 
 
