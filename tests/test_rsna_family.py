@@ -88,7 +88,7 @@ def test_series_sets_points_and_the_probe_keeps_the_encoder(rsna_fixture, tmp_pa
     tmp, _, _, ds = rsna_fixture
     cfg = config.resolve(NB, "smoke", real_data=str(ds.root))
     enc = _encoder()
-    sets = rsna.split_sets(cfg, ds, enc, 95.0)
+    sets = rsna.split_sets(ds, enc, rsna.DEFAULT_ROI_MM, 95.0)
     labelled = set(ds.labels["image_id"])
     assert all(set(s.rows["image_id"]) <= labelled for v in sets.values() for s in v.values())
     item = next(s[i] for v in sets.values() for s in v.values() for i in range(len(s)) if s[i]["has_points"])
@@ -157,3 +157,21 @@ def test_07_reports_09_as_the_ssl_headline_and_demotes_the_blob_task(tmp_path, m
     assert any("blob" in r["task"] and not r["headline"] for r in rows)
     from lib.summary import verdict
     assert verdict(heads[0]) == "WORSE than baseline"  # said as measured
+
+
+def test_the_box_matches_the_field_the_encoder_was_pretrained_on(rsna_fixture, tmp_path):
+    import json
+
+    _, _, _, ds = rsna_fixture
+    run = tmp_path / "03run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": {"prep_size": 64, "spacing": 1.5}}))
+    assert rsna.pretraining_field_mm(run) == pytest.approx(96.0)
+    cfg = config.resolve(NB, "smoke")
+    assert rsna.box_of(cfg, run) == (96.0, 96.0, 96.0)
+    assert rsna.box_of(cfg, run / "encoder.pt") == (96.0, 96.0, 96.0)  # a checkpoint inside the run folder
+    assert rsna.box_of(config.resolve(NB, "smoke", roi_mm=(100.0, 90.0, 80.0)), run) == (100.0, 90.0, 80.0)
+    assert rsna.box_of(cfg, tmp_path / "elsewhere.pt") == rsna.DEFAULT_ROI_MM  # not a run: the default
+    (run / "run.json").write_text(json.dumps({"config": {"prep_size": 10, "spacing": None, "real_data": str(ds.root)}}))
+    spacings = [np.mean([float(v) for v in t.split()]) for t in ds.index["spacing_mm"]]
+    assert rsna.pretraining_field_mm(run) == pytest.approx(10 * float(np.median(spacings)))

@@ -11,7 +11,8 @@ fraction of the training series). Scored with :func:`lib.metrics.rsna_weighted_a
 Preprocessing (the same code at training and at submission, :func:`model_input`): the top solutions found
 the vessel region first and classified there (1st place: nnU-Net vessel segmentation, then a 128x256x256
 ROI; its CV fell from 0.916 to 0.794 without that step). Without a vessel model here, the region is a box
-of ``roi_mm`` (R, A, S) around the Circle of Willis placed by anatomy: ``cow_depth_mm`` below the top of
+around the Circle of Willis (``roi_mm``; by default a cube of the field of view the 03 encoder was
+pre-trained on, :func:`box_of`, so that it sees anatomy at the scale it learnt) placed by anatomy: ``cow_depth_mm`` below the top of
 the head (the median over the training localizers, :func:`fit_depth`) and, in R and A, at the centre of
 the head at that height; series too short to hold the vertex (slab MRA) are centred on their own field
 of view. The box is resampled (trilinear) to the encoder's ``img_size``^3; CT becomes the pre-training's
@@ -45,6 +46,7 @@ from lib.train import TrainSettings, adamw, fit, load_weights
 NOTEBOOK, FAMILY = "09_rsna_aneurysm", "ssl_pretraining"
 LOCATIONS = LABELS[:13]
 DEFAULT_DEPTH_MM = 95.0
+DEFAULT_ROI_MM = (120.0, 120.0, 90.0)  # around the Circle of Willis, when the pre-training's field is unknown
 AIR = {"CT": -1024.0, "MRI": 0.0}
 
 
@@ -72,6 +74,39 @@ def encoder_source(cfg: Mapping[str, Any]) -> Path:
                                 f"`papermill notebooks/03_pretrain.ipynb out.ipynb -p preset {cfg['preset']}` first, "
                                 "or give -p encoder RUN_FOLDER")
     return run
+
+
+def pretraining_field_mm(run: Path) -> float | None:
+    """The field of view (mm) the 03 run's encoder saw per input: its ``prep_size`` voxels at its ``spacing``
+    (or, with ``spacing`` None, at the median voxel size of the volumes it trained on); None when ``run`` is
+    not a 03 run folder. :func:`box_of` matches the box to it, so that fine-tuning sees anatomy at the scale
+    the encoder learnt."""
+    import json
+
+    try:
+        cfg = json.loads((Path(run) / "run.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+    spacing = cfg.get("spacing")
+    if not spacing:
+        from lib.data import demo, locate, prepared
+        from lib.data.datasets import cohort
+
+        sets = ([prepared.open_dataset(r) for r in locate.require_prepared(cfg["real_data"])] if cfg.get("real_data")
+                else [cohort(demo.ensure(cfg["cohort"], progress=False)[0])])
+        sizes = [np.mean([float(v) for v in str(t).split()]) for d in sets
+                 for t in d.index[d.index["modality"].isin(["MRI", "CT"])]["spacing_mm"] if str(t).strip()]
+        spacing = float(np.median(sizes)) if sizes else None
+    return float(cfg["prep_size"]) * float(spacing) if spacing else None
+
+
+def box_of(cfg: Mapping[str, Any], source: Path) -> tuple[float, float, float]:
+    """``cfg.roi_mm``, or (None) a cube of the pre-training's field of view (:func:`pretraining_field_mm`),
+    else :data:`DEFAULT_ROI_MM`."""
+    if cfg["roi_mm"]:
+        return tuple(float(v) for v in cfg["roi_mm"])
+    field = pretraining_field_mm(source if source.is_dir() else source.parent)
+    return (field,) * 3 if field else DEFAULT_ROI_MM
 
 
 # --------------------------------------------------------------------------- the region around the Circle of Willis
@@ -168,10 +203,10 @@ class SeriesSet(Dataset):
     """The series of one split and modality as model inputs: ``{"x", "y" [14], "points" [13, g, g, g],
     "has_points"}``; preprocessing cached (:class:`lib.data.cache.ArrayCache`)."""
 
-    def __init__(self, ds: PreparedDataset, rows: pd.DataFrame, cfg: Mapping[str, Any], img_size: int, grid: int,
+    def __init__(self, ds: PreparedDataset, rows: pd.DataFrame, roi_mm, img_size: int, grid: int,
                  depth_mm: float, cache: ArrayCache | None = None):
         self.ds, self.rows, self.img_size, self.grid, self.depth = ds, rows.reset_index(drop=True), img_size, grid, depth_mm
-        self.roi, self.cache, self.points = tuple(cfg["roi_mm"]), cache, _points_of(ds)
+        self.roi, self.cache, self.points = tuple(float(v) for v in roi_mm), cache, _points_of(ds)
         labels = ds.labels.set_index("image_id") if len(ds.labels) else pd.DataFrame(columns=LABELS)
         missing = [i for i in self.rows["image_id"] if i not in labels.index]
         if missing:
@@ -208,7 +243,7 @@ class SeriesSet(Dataset):
                 "has_points": torch.tensor(float(bool(pts)))}
 
 
-def split_sets(cfg: Mapping[str, Any], ds: PreparedDataset, encoder: nn.Module, depth_mm: float,
+def split_sets(ds: PreparedDataset, encoder: nn.Module, roi_mm, depth_mm: float,
                cache: ArrayCache | None = None) -> dict[str, dict[str, SeriesSet]]:
     """``{split: {modality: SeriesSet}}`` at the encoder's input size (series without labels left out, said)."""
     img, grid = encoder.config["img_size"], encoder.config["img_size"] // encoder.config["patch_size"]
@@ -219,7 +254,7 @@ def split_sets(cfg: Mapping[str, Any], ds: PreparedDataset, encoder: nn.Module, 
         if (~images["image_id"].isin(labelled)).any():
             print(f"{split}: {int((~images['image_id'].isin(labelled)).sum())} series without labels left out")
             images = images[images["image_id"].isin(labelled)]
-        out[split] = {m: SeriesSet(ds, images[images["modality"] == m], cfg, img, grid, depth_mm, cache)
+        out[split] = {m: SeriesSet(ds, images[images["modality"] == m], roi_mm, img, grid, depth_mm, cache)
                       for m in ("MRI", "CT") if (images["modality"] == m).any()}
         if not out[split]:
             raise ValueError(f"{ds.root}: no series in split {split!r}")

@@ -16,8 +16,9 @@ NB_09 = _spec(
         "mode": Param("train", str, "train: the arms, the label-efficiency curve and a local submission; submit: load "
                       "`weights`, never train, serve predict() (Kaggle's inference server when present)", ("train", "submit")),
         "weights": Param("", str, "submit: a 09 run folder (or its model.pt) with the trained classifier"),
-        "roi_mm": Param((120.0, 120.0, 90.0), tuple, "R, A, S extent (mm) of the box around the Circle of Willis that "
-                        "the model sees, resampled to the encoder's img_size"),
+        "roi_mm": Param(None, (tuple, type(None)), "R, A, S extent (mm) of the box around the Circle of Willis that the "
+                        "model sees, resampled to the encoder's img_size; None: a cube of the field of view the 03 encoder "
+                        "was pre-trained on (its prep_size x spacing), (120, 120, 90) when that is unknown"),
         "cow_depth_mm": Param(None, (float, type(None)), "depth of the box centre below the top of the head (mm); None: "
                               "the median over the training localizers (95 without any)"),
         "point_weight": Param(0.5, float, "weight of the localizer term: each location's point on the encoder's token grid "
