@@ -84,7 +84,7 @@ def test_the_classifier_shares_the_encoder_and_validation_is_the_change_loss(bat
     loss, terms = aux.aux_step(net, batch, augment=False, dice_weight=1.0, adv_weight=0.0, classify_weight=0.3)
     logits = net.classifier(torch.cat([batch["baseline"], batch["followup"]]))
     target = torch.cat([batch["findings_baseline"], batch["findings_followup"]])
-    assert terms["classify"] == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, target)), rel=1e-5)
+    assert terms["classify"] == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, target).detach()), rel=1e-5)
     net.eval()
     val_loss, val_terms = aux.aux_step(net, batch, augment=False, dice_weight=1.0, adv_weight=0.0, classify_weight=0.3)
     ref, _ = change_loss(net(batch["baseline"], batch["followup"]), batch["change"], 1.0)
