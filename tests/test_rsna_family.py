@@ -145,6 +145,7 @@ def test_07_reports_09_as_the_ssl_headline_and_demotes_the_blob_task(tmp_path, m
                           for a, v in (("finetune", 0.61), ("scratch", 0.66), ("probe", 0.52))])
     write_heldout(run.dir, rsna.heldout_rows(table, n_test=12))
     run.finish()
+    start_run(NB, "smoke", mode="submit").finish()  # a newer submission run, which scores nothing
     save_encoder(_encoder(), tmp_path / "03" / "encoder.pt")
     blob = pd.DataFrame([{"arm": a, "seed": 0, "test_auc": v, "n_test": 8} for a, v in
                          (("scratch", 0.9), ("finetune", 0.95), ("probe", 0.8))])

@@ -363,9 +363,17 @@ def rsna_rows(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The rows of the 09_rsna_aneurysm run ``cfg.run_09`` (or the newest completed one at this preset): the
     job the pre-training exists for, whose fine-tuned-against-scratch row becomes the family's headline;
     ``[]`` when there is none."""
-    from lib import summary
+    from lib import paths, summary
+    from lib.runs import read_index
 
-    run = summary.latest_run("09_rsna_aneurysm", cfg["preset"], cfg.get("run_09") or None)
+    if cfg.get("run_09"):
+        run = summary.latest_run("09_rsna_aneurysm", cfg["preset"], cfg["run_09"])
+    else:  # the newest completed training run (a submission run, mode=submit, scores nothing)
+        root = paths.results_dir()
+        done = sorted((r for r in read_index(root) if r["notebook"] == "09_rsna_aneurysm" and r["preset"] == cfg["preset"]
+                       and r["status"] == "completed" and (root / r["path"] / "heldout_metrics.json").is_file()),
+                      key=lambda r: r["start_time"])
+        run = root / done[-1]["path"] if done else None
     if run is None or not (run / "heldout_metrics.json").is_file():
         return []
     return summary.run_rows(FAMILY, run, cfg["preset"])
