@@ -108,11 +108,9 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, dtype=np.int1
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    from lib.atomic import atomic_path
+    from lib.data.prepared import write_array
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.round(np.asarray(array, np.float32), 5))
+    write_array(path.parent, path.name, array, decimals=5)
 
 
 # --------------------------------------------------------------------------- brain MRI and head CT

@@ -39,7 +39,7 @@ from lib.data.io import Volume, as_ras, axcodes, save_volume
 SPACING_TOLERANCE = 0.01
 ABS_TOL_MM = 1e-3
 _ORIENTATION_TOL = 1e-4
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
 
 
 class DicomSeriesError(ValueError):
@@ -328,7 +328,7 @@ def read_series(src: str | os.PathLike | Iterable[str | os.PathLike], *,
     lps[:3, 1] = col_cos * d_row   # j: down a column (row index)
     lps[:3, 2] = step              # k: slice to slice
     lps[:3, 3] = fr0.position
-    affine = _LPS_TO_RAS @ lps
+    affine = LPS_TO_RAS @ lps
     array, ras_affine = as_ras(pixels.transpose(2, 1, 0)[None], affine)  # [1, c, r, k]
     normal = np.cross(row_cos, col_cos)
     return Volume(np.ascontiguousarray(array, dtype=np.float32), ras_affine, source_orientation=axcodes(affine),

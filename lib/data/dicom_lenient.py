@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.data.dicom import _LPS_TO_RAS, ABS_TOL_MM, SPACING_TOLERANCE, DicomSeriesError, _group, modality_lut
+from lib.data.dicom import LPS_TO_RAS, ABS_TOL_MM, SPACING_TOLERANCE, DicomSeriesError, _group, modality_lut
 from lib.data.io import as_ras
 ASSUMED_SPACING, ASSUMED_ORIENTATION = (1.0, 1.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -245,7 +245,7 @@ def assemble(folder: Path, files: list[Path] | None = None) -> Series:
     if assumed:
         notes.append("ASSUMED GEOMETRY: PixelSpacing and/or ImageOrientationPatient missing (1 mm, axial used)")
     notes = [s for s in [_summary(drops, total, unit)] if s] + notes
-    array, affine = as_ras(stack.transpose(2, 1, 0)[None], _LPS_TO_RAS @ lps)
+    array, affine = as_ras(stack.transpose(2, 1, 0)[None], LPS_TO_RAS @ lps)
     dropped = Counter()
     for what, n, _ in drops:
         dropped[what] += n

@@ -112,6 +112,24 @@ def write_image(root: str | os.PathLike, relpath: str, array: np.ndarray, affine
             "sha256": hashlib.sha256(data).hexdigest()}  # the bytes just written: no second read
 
 
+def write_array(root: str | os.PathLike, relpath: str, array: np.ndarray, decimals: int | None = None) -> dict[str, str]:
+    """Write a 2D radiograph (or DRR, change map) as a float32 ``.npy`` under ``root/relpath`` atomically (values
+    rounded to ``decimals`` when given); returns its index fields, the sha256 of the bytes written."""
+    import io
+
+    from lib.atomic import atomic_path
+
+    array = np.asarray(array, np.float32)
+    buf = io.BytesIO()
+    np.save(buf, array if decimals is None else np.round(array, decimals))
+    data = buf.getvalue()
+    path = Path(root) / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return {"path": relpath, "shape": fmt_tuple(array.shape, 0), "spacing_mm": "", "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def image_fields(root: str | os.PathLike, relpath: str) -> dict[str, str]:
     """Index fields of an image file already written (NIfTI, or a 2D ``.npy``)."""
     path = Path(root) / relpath

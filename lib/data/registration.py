@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS (its own inverse)
+from lib.data.dicom import LPS_TO_RAS
+
+LPS = LPS_TO_RAS  # RAS <-> LPS (its own inverse)
 OUTSIDE = -1024.0
 BODY_HU = -500.0
 GRADIENT_FILTER_MAX_VOXELS = 16_000_000  # above: gradients at the samples only (see rigid)

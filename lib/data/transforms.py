@@ -165,7 +165,8 @@ def _check_size(shape: tuple[int, ...], size: Sequence[int]) -> tuple[int, ...]:
     return size
 
 
-def _shift_affine(affine: np.ndarray, shift_vox: Sequence[int]) -> np.ndarray:
+def shift_affine(affine: np.ndarray, shift_vox: Sequence[int]) -> np.ndarray:
+    """The affine of a grid whose first voxel is voxel ``shift_vox`` of ``affine``'s grid (a crop's start)."""
     out = np.array(affine, dtype=np.float64)
     out[:3, 3] = affine[:3, :3] @ np.asarray(shift_vox, dtype=np.float64) + affine[:3, 3]
     return out
@@ -183,7 +184,7 @@ def crop_or_pad(array: np.ndarray | Volume, size: Sequence[int], value: float | 
         size = _check_size(array.array.shape, size)
         offsets = _crop_or_pad_offsets(array.spatial_shape, size)
         out = _apply(array.array, size, [o[0] for o in offsets], value)
-        return replace(array, array=out, affine=_shift_affine(array.affine, [st - pb for st, pb, _ in offsets]),
+        return replace(array, array=out, affine=shift_affine(array.affine, [st - pb for st, pb, _ in offsets]),
                        meta=dict(array.meta))
     array = np.asarray(array)
     size = _check_size(array.shape, size)
@@ -206,7 +207,7 @@ def random_crop(array: np.ndarray | Volume, size: Sequence[int], rng: np.random.
     if not is_volume:
         return out
     shift = [st - ((s - n) // 2 if s > n else 0) for st, s, n in zip(starts, size, spatial)]
-    return replace(array, array=out, affine=_shift_affine(array.affine, shift), meta=dict(array.meta))
+    return replace(array, array=out, affine=shift_affine(array.affine, shift), meta=dict(array.meta))
 
 
 def oriented_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:

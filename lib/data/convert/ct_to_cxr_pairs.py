@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 from lib.data import drr
 from lib.data import findings as fd
 from lib.data.convert import Item, Output, Refused
+from lib.data.prepared import write_array
 
 NAME, VERSION, MARKER = "ct_to_cxr_pairs", "1", "dataset.json"
 FROM_PREPARED = "lidc_idri"  # the default source (--src takes any prepared chest CT)
@@ -193,19 +193,6 @@ def pair_facts(plan: Plan, records: list[dict], change: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------------- the item
 
-def _save(out: Path, rel: str, array: np.ndarray) -> dict:
-    """Write a 2D ``.npy`` atomically; its index fields (the sha256 of the bytes written)."""
-    from lib.atomic import atomic_path
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array, np.float32))
-    data = buf.getvalue()
-    with atomic_path(out / rel) as tmp:
-        tmp.write_bytes(data)
-    return {"path": rel, "shape": " ".join(str(s) for s in array.shape), "spacing_mm": "",
-            "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _load_ct(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     from lib.data.io import load_volume
 
@@ -234,8 +221,8 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
         ids = {name: f"{subject}/{n}/{name}" for name in ("baseline", "followup")}
         for name, image_id in ids.items():
             images.append({"image_id": image_id, "modality": "XR", "sequence": name,
-                           **_save(out, f"{folder}/{name}.npy", arrays[name]), "source_image": p["image_id"]})
-        _save(out, f"{folder}/change.npy", arrays["change"])
+                           **write_array(out, f"{folder}/{name}.npy", arrays[name]), "source_image": p["image_id"]})
+        write_array(out, f"{folder}/change.npy", arrays["change"])
         pairs.append({"pair": f"{subject}-{n}", "a": ids["baseline"], "b": ids["followup"],
                       "target_path": f"{folder}/change.npy", **pair_facts(plan, records, arrays["change"]),
                       "source_image": p["image_id"]})

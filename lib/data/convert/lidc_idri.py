@@ -43,7 +43,7 @@ import numpy as np
 
 from lib.data import drr
 from lib.data.convert import Item, Output, Refused
-from lib.data.prepared import image_fields, write_image
+from lib.data.prepared import write_array, write_image
 
 NAME, VERSION, MARKER = "lidc_idri", "1", "LIDC-IDRI"
 SPLIT_SEED, SPLIT_FRACTIONS, VAL_FRACTION = 0, (0.9, 0.1, 0.0), 0.1
@@ -169,21 +169,15 @@ def body_mask(hu: np.ndarray) -> np.ndarray:
 def _cube(array: np.ndarray, affine: np.ndarray, options: dict):
     """Resampled to cubic voxels, then cropped/padded to the cube around the body's bounding box."""
     from lib.data.io import Volume
-    from lib.data.transforms import crop_or_pad, resample_isotropic
+    from lib.data.transforms import crop_or_pad, resample_isotropic, shift_affine
 
     v = resample_isotropic(Volume(array[None].astype(np.float32), affine), _spacing(options), order=1)
     body = np.argwhere(v.array[0] > BODY_HU)
     lo, hi = body.min(0), body.max(0) + 1
-    shifted = affine_shift(v.affine, lo)
+    shifted = shift_affine(v.affine, lo)
     sub = Volume(v.array[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], shifted)
     size = int(options.get("size") or 320)
     return crop_or_pad(sub, (size, size, size), value=float(AIR_HU))
-
-
-def affine_shift(affine: np.ndarray, start) -> np.ndarray:
-    out = np.array(affine, np.float64)
-    out[:3, 3] = affine[:3, :3] @ np.asarray(start, np.float64) + affine[:3, 3]
-    return out
 
 
 # --------------------------------------------------------------------------- reader XML
@@ -264,18 +258,12 @@ def _pick_ct(patient: Path) -> tuple[Path, list[str]]:
 
 
 def _write_drrs(out: Path, patient: str, hu: np.ndarray, spacing, options: dict) -> list[dict]:
-    from lib.atomic import atomic_path
-
     rows = []
     for a in angles(options):
         name = f"drr_{int(a):03d}" if float(a).is_integer() else f"drr_{a:g}"
         image = drr.radiograph(hu, spacing, a, size=int(options.get("drr_size") or 320), geometry=geometry(options))
-        rel = f"images/{patient}_{name}.npy"
-        with atomic_path(out / rel) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, image.astype(np.float32))
-        rows.append({"image_id": f"{patient}_{name}", "modality": "XR", "sequence": name, **image_fields(out, rel),
-                     "dropped_images": 0})
+        rows.append({"image_id": f"{patient}_{name}", "modality": "XR", "sequence": name,
+                     **write_array(out, f"images/{patient}_{name}.npy", image), "dropped_images": 0})
     return rows
 
 

@@ -28,8 +28,6 @@ external evaluation set), subject = ``subject_id``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import os
 import re
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from lib.data.convert import Item, Output, Refused
+from lib.data.prepared import write_array
 
 NAME, VERSION, MARKER = "ms_cxr_t", "1", "MS_CXR_T_temporal_image_classification_v1.0.0.csv"
 SPLIT_SEED, SPLIT_FRACTIONS = 0, (0.0, 0.0, 1.0)
@@ -161,18 +160,6 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _save(out: Path, rel: str, array: np.ndarray) -> dict:
-    from lib.atomic import atomic_path
-
-    buf = io.BytesIO()
-    np.save(buf, np.round(np.asarray(array, np.float32), 5))
-    data = buf.getvalue()
-    with atomic_path(out / rel) as tmp:
-        tmp.write_bytes(data)
-    return {"path": rel, "shape": " ".join(str(s) for s in array.shape), "spacing_mm": "",
-            "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     p = item.payload
     files, size = Path(p["files"]), int(options["image_size"])
@@ -185,7 +172,7 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
         array, mode = read_jpeg(files / p[role])
         notes.append(f"{role} {array.shape[1]}x{array.shape[0]} {mode}")
         images.append({"image_id": f"{p['pair']}/{role}", "modality": "XR", "sequence": role,
-                       **_save(out, f"{folder}/{role}.npy", letterbox(array, size)),
+                       **write_array(out, f"{folder}/{role}.npy", letterbox(array, size), decimals=5),
                        "study_id": p["ids"][study], "dicom_id": Path(p[role]).stem,
                        "original_shape": f"{array.shape[0]} {array.shape[1]}", "jpeg_mode": mode})
     pair = {"pair": p["pair"], "a": f"{p['pair']}/prior", "b": f"{p['pair']}/current", "target_path": "",
