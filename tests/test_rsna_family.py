@@ -29,10 +29,9 @@ def _head(shape=(80, 100, 80), spacing=2.0, top_mm=70.0):
 
 def test_the_box_sits_below_the_top_of_the_head_at_its_centre():
     hu, affine, centre = _head()
-    top, centroid, extent = rsna.head_top_and_centre(hu, affine, "CT")
-    assert top == pytest.approx(70.0, abs=2.0) and extent == pytest.approx(158.0)
-    c = rsna.roi_centre(hu, affine, "CT", depth_mm=90.0)
-    assert c[2] == pytest.approx(top - 90.0) and c[:2] == pytest.approx(centre[:2], abs=1.5)
+    assert rsna.extent_s(hu, affine) == pytest.approx(158.0)
+    c = rsna.roi_centre(hu, affine, "CT", depth_mm=90.0)  # the top of the head is at S = 70 (one voxel: 2 mm)
+    assert c[2] == pytest.approx(70.0 - 90.0, abs=2.0) and c[:2] == pytest.approx(centre[:2], abs=1.5)
     slab = hu[:, :, :30]  # 60 mm of it: too short to hold the vertex and the depth -> its own centre
     assert rsna.roi_centre(slab, affine, "CT", 90.0) == pytest.approx(affine[:3, :3] @ ((np.array(slab.shape) - 1) / 2) + affine[:3, 3])
 

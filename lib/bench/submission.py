@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 SIZE, SLICES, REPEATS = 512, 160, 2
-LIMIT_S, FIRST_PLACE_S = 1800.0, 18.0
 
 
 def per_series(quick: bool, ceilings: dict | None = None, out=None) -> list[dict]:
@@ -44,13 +43,13 @@ def per_series(quick: bool, ceilings: dict | None = None, out=None) -> list[dict
         raise RuntimeError(f"the bench series fell back: {predictor.log[-1]['fallback']}")
     best = min(predictor.log[1:], key=lambda r: r["total_s"])
     flops = sub.model_flops(model)
-    t4 = best["read_s"] + best["preprocess_s"] + flops / sub.T4_EFFECTIVE_FLOPS
+    t4 = sub.t4_seconds(best["read_s"], best["preprocess_s"], flops)
     common = {"series": f"{size}x{size}x{slices} CTA", "preset": preset, "img_size": encoder.config["img_size"]}
     rows = [{"name": stage.removesuffix("_s"), **common, "seconds": round(float(best[stage]), 3)}
             for stage in ("read_s", "preprocess_s", "model_s", "total_s")]
     rows.append({"name": "T4 estimate", **common, "seconds": round(float(t4), 3), "model_gflop": round(flops / 1e9, 1),
-                 "limit_s": LIMIT_S, "first_place_s": FIRST_PLACE_S,
-                 "share_of_limit": float(np.round(t4 / LIMIT_S, 5))})
+                 "limit_s": float(sub.LIMIT_S), "first_place_s": sub.FIRST_PLACE_S,
+                 "share_of_limit": float(np.round(t4 / sub.LIMIT_S, 5))})
     return rows
 
 
@@ -60,4 +59,5 @@ def targets(rows: list[dict]) -> list[str]:
     return [f"INFO: RSNA submission, one {t4['series']} series at the {t4['preset']} encoder ({t4['img_size']}^3): "
             f"{by['total']['seconds']:.2f} s on this CPU (read {by['read']['seconds']:.2f}, preprocess "
             f"{by['preprocess']['seconds']:.2f}, model {by['model']['seconds']:.2f}); T4 estimate {t4['seconds']:.2f} s "
-            f"({t4['model_gflop']:.0f} GFLOP), against the {LIMIT_S:.0f} s limit and the 1st place's ~{FIRST_PLACE_S:.0f} s"]
+            f"({t4['model_gflop']:.0f} GFLOP), against the {t4['limit_s']:.0f} s limit and the 1st place's "
+            f"~{t4['first_place_s']:.0f} s"]

@@ -140,10 +140,11 @@ class CXRPairs(Dataset):
         self.cohort, self.size = cohort(root), size
         _check_split(split)
         ds = self.cohort
-        self.pairs = _typed(ds.pairs[ds.pairs["split"] == split].reset_index(drop=True)) if len(ds.pairs) else ds.pairs
+        raw = ds.pairs[ds.pairs["split"] == split].reset_index(drop=True) if len(ds.pairs) else ds.pairs
+        self.pairs = _typed(raw)
         if self.pairs.empty:
             raise ValueError(f"no CXR pairs in split {split!r} of {self.cohort.root}")
-        raw = ds.pairs[ds.pairs["split"] == split] if len(ds.pairs) else ds.pairs  # as text: '' is no map
+        # from the text, where '' is "no map" (typed, an empty column becomes NaN)
         self.has_change = "target_path" in raw.columns and bool((raw["target_path"] != "").all())
 
     def __len__(self) -> int:

@@ -12,9 +12,9 @@ Preprocessing (the same code at training and at submission, :func:`model_input`)
 the vessel region first and classified there (1st place: nnU-Net vessel segmentation, then a 128x256x256
 ROI; its CV fell from 0.916 to 0.794 without that step). Without a vessel model here, the region is a box
 around the Circle of Willis (``roi_mm``; by default a cube of the field of view the 03 encoder was
-pre-trained on, :func:`box_of`, so that it sees anatomy at the scale it learnt) placed by anatomy: ``cow_depth_mm`` below the top of
-the head (the median over the training localizers, :func:`fit_depth`) and, in R and A, at the centre of
-the head at that height; series too short to hold the vertex (slab MRA) are centred on their own field
+pre-trained on, :func:`box_of`, so that it sees anatomy at the scale it learnt) placed by anatomy:
+``cow_depth_mm`` below the top of the head (the median over the training localizers, :func:`fit_depth`)
+and, in R and A, at the centre of the head at that height; series too short to hold the vertex (slab MRA) are centred on their own field
 of view. The box is resampled (trilinear) to the encoder's ``img_size``^3; CT becomes the pre-training's
 three windows, MR its per-volume percentile scaling. :func:`roi_coverage` reports the share of held-out
 localizers inside the box.
@@ -94,7 +94,7 @@ def pretraining_field_mm(run: Path) -> float | None:
 
         sets = ([prepared.open_dataset(r) for r in locate.require_prepared(cfg["real_data"])] if cfg.get("real_data")
                 else [cohort(demo.ensure(cfg["cohort"], progress=False)[0])])
-        sizes = [np.mean([float(v) for v in str(t).split()]) for d in sets
+        sizes = [np.mean(prepared.parse_tuple(t)) for d in sets
                  for t in d.index[d.index["modality"].isin(["MRI", "CT"])]["spacing_mm"] if str(t).strip()]
         spacing = float(np.median(sizes)) if sizes else None
     return float(cfg["prep_size"]) * float(spacing) if spacing else None
@@ -122,24 +122,25 @@ def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     return ijk @ affine[:3, :3].T + affine[:3, 3]
 
 
-def head_top_and_centre(array: np.ndarray, affine: np.ndarray, modality: str) -> tuple[float, np.ndarray, float]:
-    """``(top S mm of the head, head centroid RAS mm, S extent of the image mm)``."""
+def extent_s(array: np.ndarray, affine: np.ndarray) -> float:
+    """The image's extent along its third (superior) axis, mm."""
+    return abs(float(np.linalg.norm(affine[:3, 2]) * (array.shape[2] - 1)))
+
+
+def _head_points(array: np.ndarray, affine: np.ndarray, modality: str) -> np.ndarray:
+    """RAS mm of (at most about 200,000 of) the head's voxels; every voxel when nothing passes the mask."""
     mask = head_mask(array, modality)
     ijk = np.argwhere(mask) if mask.any() else np.argwhere(np.ones_like(mask))
-    xyz = _world(affine, ijk[:: max(1, len(ijk) // 200000)].astype(np.float64))
-    extent = abs(float(np.linalg.norm(affine[:3, 2]) * (array.shape[2] - 1)))
-    return float(xyz[:, 2].max()), xyz.mean(0), extent
+    return _world(affine, ijk[:: max(1, len(ijk) // 200000)].astype(np.float64))
 
 
 def roi_centre(array: np.ndarray, affine: np.ndarray, modality: str, depth_mm: float) -> np.ndarray:
     """The box centre (RAS mm): ``depth_mm`` below the top of the head, at the head's centre in R and A at
     that height; an image whose S extent cannot hold the vertex and the depth is centred on itself."""
-    top, centroid, extent = head_top_and_centre(array, affine, modality)
-    if extent < depth_mm + 30.0:
+    if extent_s(array, affine) < depth_mm + 30.0:
         return _world(affine, (np.array(array.shape[:3], np.float64) - 1) / 2)
-    mask = head_mask(array, modality)
-    ijk = np.argwhere(mask)
-    xyz = _world(affine, ijk[:: max(1, len(ijk) // 200000)].astype(np.float64))
+    xyz = _head_points(array, affine, modality)  # the mask once: it is most of the preprocessing time
+    top = float(xyz[:, 2].max())
     slab = xyz[np.abs(xyz[:, 2] - (top - depth_mm)) < 20.0]
     ra = (slab if len(slab) else xyz)[:, :2].mean(0)
     return np.array([ra[0], ra[1], top - depth_mm])
@@ -186,13 +187,13 @@ def _points_of(ds: PreparedDataset) -> dict[str, list[tuple[str, np.ndarray]]]:
 def fit_depth(ds: PreparedDataset, limit: int = 200) -> tuple[float, int]:
     """``(median depth of the training localizers below the top of the head in mm, localizers used)``
     (:data:`DEFAULT_DEPTH_MM` without any); at most ``limit`` series are read."""
-    points, train = _points_of(ds), set(ds.images(split="train")["image_id"])
+    points = _points_of(ds)
+    modality = ds.images(split="train").set_index("image_id")["modality"]
     depths = []
-    for image_id in [i for i in points if i in train][:limit]:
-        row = ds.index.set_index("image_id").loc[image_id]
+    for image_id in [i for i in points if i in modality.index][:limit]:
         v = load_volume(ds.file(image_id), channels=(1,))
-        top, _, extent = head_top_and_centre(v.array[0], v.affine, row["modality"])
-        if extent >= DEFAULT_DEPTH_MM + 30.0:
+        if extent_s(v.array[0], v.affine) >= DEFAULT_DEPTH_MM + 30.0:
+            top = float(_head_points(v.array[0], v.affine, modality[image_id])[:, 2].max())  # the top of the head
             depths += [top - p[2] for _, p in points[image_id]]
     return (float(np.median(depths)) if depths else DEFAULT_DEPTH_MM), len(depths)
 

@@ -22,9 +22,11 @@ import torch
 
 from lib.checkpoint import load, plain, save
 from lib.families.rsna_aneurysm import LABELS, SeriesClassifier, model_input
+from lib.families.rsna_submission import LIMIT_S
 
 FORMAT = "medimg-rsna-classifier/1"
 T4_EFFECTIVE_FLOPS = 20e12  # stated assumption: fp16 tensor cores at about 30 % of the T4's 65 TFLOP/s peak
+FIRST_PLACE_S = 18.0        # the 1st place's reported time per series on 2xT4
 
 
 def save_classifier(path: str | os.PathLike, model: SeriesClassifier, roi_mm, depth_mm: float,
@@ -113,16 +115,20 @@ def model_flops(model: SeriesClassifier, channels: int = 3) -> float:
     return float(counter.get_total_flops())
 
 
-def timing(log: list[dict], flops: float, limit_s: float = 1800.0) -> pd.DataFrame:
+def t4_seconds(read_s: float, preprocess_s: float, flops: float) -> float:
+    """A series' time on a T4: the CPU stages as measured, the model's ``flops`` at :data:`T4_EFFECTIVE_FLOPS`."""
+    return read_s + preprocess_s + flops / T4_EFFECTIVE_FLOPS
+
+
+def timing(log: list[dict], flops: float, limit_s: float = LIMIT_S) -> pd.DataFrame:
     """Seconds per series measured here (mean and max of each stage) and the model's time estimated for a T4
     (:data:`T4_EFFECTIVE_FLOPS`), beside the competition's limit and the 1st place's ~18 s."""
     df = pd.DataFrame(log)
     stages = ["read_s", "preprocess_s", "model_s", "total_s"]
     out = pd.DataFrame({"stage": stages, "mean_s": [df[s].mean() for s in stages], "max_s": [df[s].max() for s in stages]})
-    t4_model = flops / T4_EFFECTIVE_FLOPS
-    est = df["read_s"].mean() + df["preprocess_s"].mean() + t4_model
+    est = t4_seconds(df["read_s"].mean(), df["preprocess_s"].mean(), flops)
     out.loc[len(out)] = {"stage": f"T4 estimate (CPU stages as here, model {flops / 1e9:.1f} GFLOP at "
                                   f"{T4_EFFECTIVE_FLOPS / 1e12:.0f} TFLOP/s)", "mean_s": est, "max_s": np.nan}
     out.loc[len(out)] = {"stage": "competition limit per series", "mean_s": limit_s, "max_s": np.nan}
-    out.loc[len(out)] = {"stage": "1st place, per series on 2xT4 (reported)", "mean_s": 18.0, "max_s": np.nan}
+    out.loc[len(out)] = {"stage": "1st place, per series on 2xT4 (reported)", "mean_s": FIRST_PLACE_S, "max_s": np.nan}
     return out
