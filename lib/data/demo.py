@@ -151,7 +151,7 @@ def brain_mri_subject(seed: int, index: int, grid: ph.Grid) -> tuple[dict[str, n
         img = (gm * jitter[0] * t["gm"] + wm * jitter[1] * t["wm"] + csf * jitter[2] * t["csf"]
                + skull * t["skull"] + scalp * jitter[3] * t["scalp"])
         img = img * (1 - vessels) + vessel * jitter[4] * vessels
-        bias = np.exp(0.15 * ph._smooth_noise(rng, grid.shape, coarse=3))
+        bias = np.exp(0.15 * ph.smooth_noise(rng, grid.shape, coarse=3))
         noise = rng.normal(0, 0.02, (2, *grid.shape))
         images[name] = np.sqrt((img * bias + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
     return images, facts
@@ -162,7 +162,7 @@ def head_ct_subject(seed: int, index: int, grid: ph.Grid) -> tuple[dict[str, np.
     rng = subject_rng(seed, "head_ct", index)
     t = ph.brain_tissues(rng, grid)
     vessels, blob, facts = _vessels_with_aneurysm(rng, t, grid)
-    bone = rng.uniform(700, 1100) + 300 * ph._smooth_noise(rng, grid.shape, coarse=3)
+    bone = rng.uniform(700, 1100) + 300 * ph.smooth_noise(rng, grid.shape, coarse=3)
     head = np.clip(t["gm"] + t["wm"] + t["csf"] + t["skull"] + t["scalp"], 0, 1)
     hu = (-1000 * (1 - head) + 40 * t["gm"] + 30 * t["wm"] + 8 * t["csf"] + bone * t["skull"] + 35 * t["scalp"])
     hu = hu * (1 - vessels) + rng.uniform(250, 350) * vessels  # contrast-filled arteries (CTA)

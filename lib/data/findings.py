@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from lib.data.phantoms import ellipsoid_fraction, tube_fraction
+from lib.data.phantoms import ellipsoid_fraction, smooth_noise, tube_fraction
 
 AIR_HU = -1024.0
 LUNG_THRESHOLD_HU = -320.0
@@ -118,13 +118,6 @@ def side_mask(lung: np.ndarray, side: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- helpers
 
-def _noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 4) -> np.ndarray:
-    """Smooth random field of about unit amplitude on ``shape``."""
-    low = rng.standard_normal((coarse,) * len(shape)).astype(np.float32)
-    zoomed = ndimage.zoom(low, [max(s, 1) / coarse for s in shape], order=1, mode="nearest")
-    return np.pad(zoomed, [(0, max(0, s - z)) for s, z in zip(shape, zoomed.shape)], mode="edge")[tuple(slice(0, s) for s in shape)]
-
-
 def _mm(box: tuple[slice, ...], spacing) -> np.ndarray:
     """Coordinates (index x spacing, mm) of the voxel centres of ``box``, shape ``[3, ...]``."""
     axes = [np.arange(s.start, s.stop, dtype=np.float32) * float(sp) for s, sp in zip(box, spacing)]
@@ -184,7 +177,7 @@ def insert_nodule(hu: np.ndarray, spacing, lung: np.ndarray, rng: np.random.Gene
         if (occ * lung[box]).sum() >= 0.9 * occ.sum():
             break
     occ = occ * lung[box]
-    texture = base + 15.0 * _noise(rng, occ.shape, coarse=3)
+    texture = base + 15.0 * smooth_noise(rng, occ.shape, coarse=3)
     out, n = _blend(hu, box, occ, texture)
     return out, _record("nodule", box, occ, spacing, affine, base, _side_of(lung, c), n)
 
@@ -202,9 +195,9 @@ def insert_consolidation(hu: np.ndarray, spacing, lung: np.ndarray, rng: np.rand
     for _ in range(int(rng.integers(3, 7))):
         lobe = centre_mm + rng.normal(0, extent / 5, 3)
         occ = np.maximum(occ, ellipsoid_fraction(p, lobe, extent / 2 * rng.uniform(0.35, 0.6, 3), soft=2.0))
-    occ = np.clip(occ * (1.0 + 0.5 * _noise(rng, occ.shape, coarse=5)), 0, 1) * lung[box]
+    occ = np.clip(occ * (1.0 + 0.5 * smooth_noise(rng, occ.shape, coarse=5)), 0, 1) * lung[box]
     base = float(rng.uniform(-100, 40))
-    target = base + 20.0 * _noise(rng, occ.shape, coarse=4)
+    target = base + 20.0 * smooth_noise(rng, occ.shape, coarse=4)
     if bronchograms if bronchograms is not None else rng.random() < 0.5:
         for _ in range(int(rng.integers(2, 5))):
             direction = rng.normal(size=3)
@@ -236,7 +229,7 @@ def insert_effusion(hu: np.ndarray, spacing, lung: np.ndarray, rng: np.random.Ge
     level = float(np.quantile(h[inside], fraction if fraction is not None else rng.uniform(0.10, 0.35)))
     occ = (1.0 / (1.0 + np.exp(np.clip((h - level) / 2.0, -30, 30)))).astype(np.float32) * inside
     fluid = float(rng.uniform(0, 20))
-    out, n = _blend(hu, box, occ, fluid + 3.0 * _noise(rng, occ.shape, coarse=4))
+    out, n = _blend(hu, box, occ, fluid + 3.0 * smooth_noise(rng, occ.shape, coarse=4))
     return out, _record("effusion", box, occ, spacing, affine, fluid, side, n)
 
 

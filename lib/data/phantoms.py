@@ -49,11 +49,15 @@ class Grid:
         return np.einsum("ij,j...->i...", a[:3, :3], idx) + a[:3, 3].reshape(3, 1, 1, 1)
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 4) -> np.ndarray:
-    """Smooth random field in [-1, 1]-ish: coarse Gaussian noise upsampled by linear interpolation
-    (cubic looks no better at these amplitudes and costs five times more)."""
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 4) -> np.ndarray:
+    """Smooth random field in [-1, 1]-ish on ``shape``: coarse Gaussian noise upsampled by linear interpolation
+    (cubic looks no better at these amplitudes and costs five times more); a side the zoom rounds short
+    (tiny shapes) is padded with its edge."""
     low = rng.standard_normal((coarse,) * len(shape)).astype(np.float32)
-    return ndimage.zoom(low, [s / coarse for s in shape], order=1, mode="nearest")[tuple(slice(0, s) for s in shape)]
+    zoomed = ndimage.zoom(low, [max(s, 1) / coarse for s in shape], order=1, mode="nearest")
+    zoomed = np.pad(zoomed, [(0, max(0, s - z)) for s, z in zip(shape, zoomed.shape)], mode="edge")
+    return zoomed[tuple(slice(0, s) for s in shape)]
+
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -130,7 +134,7 @@ def _deform(rng: np.random.Generator, grid: Grid, max_deg: float = 6.0, scale: f
     rot = _rotation(rng, max_deg) * rng.uniform(1 - scale, 1 + scale, 3)
     shift = rng.uniform(-4, 4, 3)
     src = rot @ (pts - np.asarray(grid.center)[:, None]) + np.asarray(grid.center)[:, None] + shift[:, None]
-    warp = np.stack([_smooth_noise(rng, grid.shape) for _ in range(3)]).reshape(3, -1) * warp_mm
+    warp = np.stack([smooth_noise(rng, grid.shape) for _ in range(3)]).reshape(3, -1) * warp_mm
     return (src + warp).astype(np.float32)
 
 
@@ -268,7 +272,7 @@ def chest_phantom(anat: ChestAnatomy, grid: Grid, contrast: bool, rng: np.random
 
 def lung_texture(rng: np.random.Generator, grid: Grid, amplitude_hu: float = 40.0) -> np.ndarray:
     """Smooth HU texture for lung parenchyma (vessels and bronchi below the resolution)."""
-    return (_smooth_noise(rng, grid.shape, coarse=12) * amplitude_hu).astype(np.float32)
+    return (smooth_noise(rng, grid.shape, coarse=12) * amplitude_hu).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- chest findings
