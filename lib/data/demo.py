@@ -140,21 +140,34 @@ def _vessels_with_aneurysm(rng, tissues, grid):
     return np.maximum(vessels, blob), blob, facts
 
 
+def mr_magnitude(rng: np.random.Generator, t: dict, vessels: np.ndarray, contrast: str) -> np.ndarray:
+    """An MR image of the tissues ``t`` with ``vessels`` at the :data:`_MRI_CONTRAST` of ``contrast`` (jittered),
+    a smooth bias field and Rician magnitude noise (also what :mod:`lib.data.demo_rsna`'s MRA is made of)."""
+    gm, wm, csf, skull, scalp, vessel = _MRI_CONTRAST[contrast]
+    jitter = rng.uniform(0.9, 1.1, 5)
+    img = (gm * jitter[0] * t["gm"] + wm * jitter[1] * t["wm"] + csf * jitter[2] * t["csf"]
+           + skull * t["skull"] + scalp * jitter[3] * t["scalp"])
+    img = img * (1 - vessels) + vessel * jitter[4] * vessels
+    bias = np.exp(0.15 * ph.smooth_noise(rng, vessels.shape, coarse=3))
+    noise = rng.normal(0, 0.02, (2, *vessels.shape))
+    return np.sqrt((img * bias + noise[0]) ** 2 + noise[1] ** 2)
+
+
+def cta_hu(rng: np.random.Generator, t: dict, vessels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(HU without noise, head occupancy)`` of a CTA of the tissues ``t``: bone with a smooth density field,
+    contrast-filled ``vessels`` (also what :mod:`lib.data.demo_rsna`'s CTA is made of)."""
+    bone = rng.uniform(700, 1100) + 300 * ph.smooth_noise(rng, vessels.shape, coarse=3)
+    head = np.clip(t["gm"] + t["wm"] + t["csf"] + t["skull"] + t["scalp"], 0, 1)
+    hu = (-1000 * (1 - head) + 40 * t["gm"] + 30 * t["wm"] + 8 * t["csf"] + bone * t["skull"] + 35 * t["scalp"])
+    return hu * (1 - vessels) + rng.uniform(250, 350) * vessels, head
+
+
 def brain_mri_subject(seed: int, index: int, grid: ph.Grid) -> tuple[dict[str, np.ndarray], dict]:
     """T1, T2 and MRA-like volumes of one brain subject, and its facts (aneurysm on the MRA)."""
     rng = subject_rng(seed, "brain_mri", index)
     t = ph.brain_tissues(rng, grid)
     vessels, _, facts = _vessels_with_aneurysm(rng, t, grid)
-    images = {}
-    for name, (gm, wm, csf, skull, scalp, vessel) in _MRI_CONTRAST.items():
-        jitter = rng.uniform(0.9, 1.1, 5)
-        img = (gm * jitter[0] * t["gm"] + wm * jitter[1] * t["wm"] + csf * jitter[2] * t["csf"]
-               + skull * t["skull"] + scalp * jitter[3] * t["scalp"])
-        img = img * (1 - vessels) + vessel * jitter[4] * vessels
-        bias = np.exp(0.15 * ph.smooth_noise(rng, grid.shape, coarse=3))
-        noise = rng.normal(0, 0.02, (2, *grid.shape))
-        images[name] = np.sqrt((img * bias + noise[0]) ** 2 + noise[1] ** 2)  # Rician magnitude noise
-    return images, facts
+    return {name: mr_magnitude(rng, t, vessels, name) for name in _MRI_CONTRAST}, facts
 
 
 def head_ct_subject(seed: int, index: int, grid: ph.Grid) -> tuple[dict[str, np.ndarray], dict]:
@@ -162,10 +175,7 @@ def head_ct_subject(seed: int, index: int, grid: ph.Grid) -> tuple[dict[str, np.
     rng = subject_rng(seed, "head_ct", index)
     t = ph.brain_tissues(rng, grid)
     vessels, blob, facts = _vessels_with_aneurysm(rng, t, grid)
-    bone = rng.uniform(700, 1100) + 300 * ph.smooth_noise(rng, grid.shape, coarse=3)
-    head = np.clip(t["gm"] + t["wm"] + t["csf"] + t["skull"] + t["scalp"], 0, 1)
-    hu = (-1000 * (1 - head) + 40 * t["gm"] + 30 * t["wm"] + 8 * t["csf"] + bone * t["skull"] + 35 * t["scalp"])
-    hu = hu * (1 - vessels) + rng.uniform(250, 350) * vessels  # contrast-filled arteries (CTA)
+    hu, head = cta_hu(rng, t, vessels)
     hu = hu + rng.normal(0, 6, grid.shape) * head
     return {"ct": hu, "aneurysm": (blob >= 0.5).astype(np.uint8)}, facts
 

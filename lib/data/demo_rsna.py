@@ -160,23 +160,12 @@ def _blobs(rng, t: dict, tree, grid: ph.Grid, locations: list[str]) -> list[tupl
 def _render(rng, t: dict, occupancy: np.ndarray, modality: str) -> np.ndarray:
     """The stored pixel values: CTA in HU (contrast-filled arteries), MRA as time-of-flight-like intensity
     (bright arteries) times :data:`MR_SCALE`; noise everywhere, so no slice is blank."""
-    shape = occupancy.shape
-    if modality == "CTA":
-        bone = rng.uniform(700, 1100) + 300 * ph.smooth_noise(rng, shape, coarse=3)
-        head = np.clip(t["gm"] + t["wm"] + t["csf"] + t["skull"] + t["scalp"], 0, 1)
-        hu = -1000 * (1 - head) + 40 * t["gm"] + 30 * t["wm"] + 8 * t["csf"] + bone * t["skull"] + 35 * t["scalp"]
-        hu = hu * (1 - occupancy) + rng.uniform(250, 350) * occupancy
-        return np.round(hu + rng.normal(0, 6, shape))
-    from lib.data.demo import _MRI_CONTRAST
+    from lib.data.demo import cta_hu, mr_magnitude
 
-    gm, wm, csf, skull, scalp, vessel = _MRI_CONTRAST["mra"]
-    jitter = rng.uniform(0.9, 1.1, 5)
-    img = (gm * jitter[0] * t["gm"] + wm * jitter[1] * t["wm"] + csf * jitter[2] * t["csf"] + skull * t["skull"]
-           + scalp * jitter[3] * t["scalp"])
-    img = img * (1 - occupancy) + vessel * jitter[4] * occupancy
-    bias = np.exp(0.15 * ph.smooth_noise(rng, shape, coarse=3))
-    noise = rng.normal(0, 0.02, (2, *shape))
-    return np.round(np.sqrt((img * bias + noise[0]) ** 2 + noise[1] ** 2) * MR_SCALE)
+    if modality == "CTA":
+        hu, _ = cta_hu(rng, t, occupancy)
+        return np.round(hu + rng.normal(0, 6, occupancy.shape))
+    return np.round(mr_magnitude(rng, t, occupancy, "mra") * MR_SCALE)
 
 
 def series_volume(entry: dict, grid: ph.Grid, seed: int) -> tuple[np.ndarray, list[dict]]:
