@@ -185,10 +185,10 @@ def series_volume(entry: dict, grid: ph.Grid, seed: int) -> tuple[np.ndarray, li
 
 
 def _write_slice(path: Path, entry: dict, sop: str, k: int, pixels: np.ndarray, ipp, grid: ph.Grid) -> None:
-    from lib.data.fixtures.rsna2025_aneurysm import SOP_CLASS, _base
+    from lib.data.fixtures.rsna2025_aneurysm import SOP_CLASS, dicom_dataset
 
     modality = "CT" if entry["modality"] == "CTA" else "MR"
-    ds = _base(modality, entry["uid"], sop, SOP_CLASS[modality])
+    ds = dicom_dataset(modality, entry["uid"], sop, SOP_CLASS[modality])
     ds.PatientAge, ds.PatientSex = f"{entry['age']:03d}Y", entry["sex"][0]
     ds.SeriesDescription = "CTA HEAD" if modality == "CT" else "MRA TOF HEAD"
     ds.InstanceNumber, (ds.Rows, ds.Columns) = k + 1, pixels.shape
