@@ -215,7 +215,8 @@ def get_rng(generators: Iterable[torch.Generator] = ()) -> dict:
         "generators": [g.get_state() for g in generators],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: a checkpoint from two GPUs then resumes on a machine with one.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -233,7 +234,10 @@ def set_rng(state: dict, generators: Iterable[torch.Generator] = ()) -> None:
     for g, s in zip(generators, state["generators"]):
         g.set_state(s)
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12: every visible GPU's state
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
 
 
 # --------------------------------------------------------------------------- resuming and loading lib.train checkpoints
@@ -274,13 +278,24 @@ def resume_state(resume: Any, ckpt_dir: Path, resolved: dict, world: int, main: 
         raise ConfigMismatchError(f"{path}: refusing to resume: this run's configuration differs from the "
                                   f"checkpoint's in {len(diff)} key(s):\n  " + "\n  ".join(diff) +
                                   "\nResume with the original values, or start a new run in a new out_dir.")
-    if state["world_size"] != world:
-        raise ConfigMismatchError(f"{path}: refusing to resume: written by {state['world_size']} process(es), this "
-                                  f"run has {world}; the batches per step and RNG streams would differ")
+    if state["world_size"] != world and not finished(state):
+        p = state["progress"]
+        raise ConfigMismatchError(
+            f"{path}: refusing to resume: written by {state['world_size']} process(es) at epoch {p['epoch']} of "
+            f"{state['config'].get('epochs')}, this run has {world}: the batches of a step, the steps of an epoch "
+            f"(hence the learning-rate schedule) and every rank's RNG stream would differ. Resume with "
+            f"{state['world_size']} process(es) (gpus={state['world_size']}, or torchrun --nproc_per_node), or start "
+            f"a new run from these weights. A finished run resumes with any number (nothing is left to train).")
     if main:
         p = state["progress"]
         print(f"resume: {path} (epoch {p['epoch']}, step {p['step']}, {p['batch']} batches into the next epoch)")
     return state
+
+
+def finished(state: dict) -> bool:
+    """Whether a checkpoint's run trained all its epochs (then its process count no longer matters)."""
+    p, epochs = state["progress"], state["config"].get("epochs")
+    return isinstance(epochs, int) and p["epoch"] >= epochs and p["batch"] == 0
 
 
 def _fallback(ckpt_dir: Path, bad: Path) -> Path | None:

@@ -87,7 +87,9 @@ TRAINING: dict[str, Param] = {
     "ckpt_every": Param(0, int, "keep a checkpoint every N epochs besides last and best; 0: off"),
     "time_budget_s": Param(None, _OPT_FLOAT, "stop cleanly with a checkpoint before this many seconds (Kaggle: ~11.5 h)"),
     "amp": Param(True, bool, "mixed precision (bf16 on CPU and Ampere+, fp16 + loss scaling on older GPUs)"),
-    "num_workers": Param(0, int, "data-loader worker processes"),
+    "num_workers": Param(0, int, "data-loader worker processes (per training process)"),
+    "gpus": Param(1, int, "training processes, one per GPU (DDP; lib.multigpu): 1 this process, 0 every visible GPU "
+                  "(Kaggle T4 x2: 0 or 2); batch_size is per process"),
     "resume": Param(False, bool, "continue the run whose folder is given by $MEDIMG_RUN_ID from its last checkpoint"),
 }
 

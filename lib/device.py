@@ -6,7 +6,9 @@ never calls ``.cuda()``.
 
 Autocast dtype: bf16 on CPU (fp16 matmul on CPUs without AVX512-FP16 runs ~1000x slower than bf16)
 and on CUDA GPUs that support it natively (Ampere and newer); fp16 with a gradient scaler on older
-GPUs such as Kaggle's T4 (sm_75); fp16 on Apple MPS.
+GPUs such as Kaggle's T4 (sm_75); fp16 on Apple MPS. ``$MEDIMG_AMP_DTYPE`` (``float16`` or ``bfloat16``)
+overrides the choice on a GPU, so that one Ampere+ machine can check the T4's fp16 path too
+(``make gpu-check``); a CPU never takes fp16.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Mapping
 import torch
 
 ENV_VAR = "MEDIMG_DEVICE"
+AMP_ENV_VAR = "MEDIMG_AMP_DTYPE"
+_AMP_CHOICES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 CHOICES = "auto | cpu | cuda | cuda:N | mps"
 _PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -53,7 +57,13 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
-    """The mixed-precision dtype that fits ``device`` (never fp16 on a CPU)."""
+    """The mixed-precision dtype that fits ``device`` (never fp16 on a CPU); ``$MEDIMG_AMP_DTYPE`` overrides
+    it on a GPU."""
+    forced = os.environ.get(AMP_ENV_VAR, "").strip().lower()
+    if forced and forced not in _AMP_CHOICES:
+        raise ValueError(f"${AMP_ENV_VAR}: unknown autocast dtype {forced!r}; valid choices: float16, bfloat16")
+    if forced and device.type in ("cuda", "mps"):
+        return _AMP_CHOICES[forced]
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return torch.bfloat16 if major >= 8 else torch.float16

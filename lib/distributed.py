@@ -85,9 +85,51 @@ def rank_device(device: torch.device, world: int) -> torch.device:
     return device
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> DDP:
-    """``model`` in DDP with its defaults (on ``device``'s GPU with CUDA)."""
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+def wrap(model: torch.nn.Module, device: torch.device, **options: Any) -> DDP:
+    """``model`` in DDP (on ``device``'s GPU with CUDA). ``gradient_as_bucket_view=True`` unless ``options``
+    say otherwise: the gradients live in DDP's communication buckets, so no second copy of them is held
+    (the T4 memory estimate counts none). ``options``: the family's (e.g. ``find_unused_parameters=True``
+    for a model whose batches use one of several heads), and ``sync_batchnorm=True``: BatchNorm layers
+    normalise over the batches of all ranks (``SyncBatchNorm``, on CUDA only: on CPU every rank normalises
+    over its own batch). DDP gives every rank rank 0's weights and buffers here."""
+    options = {"gradient_as_bucket_view": True, **options}
+    if options.pop("sync_batchnorm", False) and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **options)
+
+
+def sync_buffers(model: torch.nn.Module, world: int) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP does before each forward: after the last
+    step, so that every rank ends with the same state."""
+    if world > 1:
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``: rank 0 keeps ``seed`` (a one-process run is unchanged), the others draw apart,
+    so that augmentations, masks and dropout differ between ranks."""
+    return seed if rank == 0 else (seed + 1_000_003 * rank) % 2**63
+
+
+def sampler(dataset: Any, shuffle: bool, seed: int, drop_last: bool = False) -> Any:
+    """This rank's shard of ``dataset`` (``DistributedSampler``, shuffled by ``seed`` and the epoch that
+    :func:`lib.train.fit` sets) inside a process group, even of one process; None outside one."""
+    if not is_initialized():
+        return None
+    from torch.utils.data import DistributedSampler
+
+    return DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=shuffle,
+                              seed=seed, drop_last=drop_last)
+
+
+def broadcast_object(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def comm_device(device: torch.device) -> torch.device:

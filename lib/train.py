@@ -58,9 +58,10 @@ from lib.checkpoint import (CheckpointError, ConfigMismatchError, CorruptCheckpo
 from lib.device import autocast, needs_grad_scaler, pick_device, to_device
 from lib.distributed import init_distributed, launch  # noqa: F401  (lib.train's interface since before the split)
 from lib.train_log import Progress, RunLog
+from lib.loaders import length as _length, loader_generators as _loader_generators, samplers as _samplers
 from lib.train_settings import TrainSettings, adamw, warmup_cosine  # noqa: F401  (lib.train's interface)
 
-RESUME_MAY_DIFFER = ("resume", "time_budget_s", "device", "log_every")  # may change between a run and its resume
+RESUME_MAY_DIFFER = ("resume", "time_budget_s", "device", "log_every", "gpus")  # may change between a run and its resume
 _RESERVED = {"epoch", "step", "lr", "loss", "skipped", "time_s"}
 _clock = time.monotonic  # the loop's only clock (tests swap it to make time budgets deterministic)
 
@@ -83,14 +84,16 @@ class FitResult:
 def fit(model: torch.nn.Module, step: Callable, train_loader: Any, optimizer: torch.optim.Optimizer, *,
         out_dir: str | os.PathLike, config: Mapping[str, Any], val_loader: Any = None, scheduler: Any = None,
         settings: TrainSettings | None = None, val_step: Callable | None = None,
-        resume: bool | str | os.PathLike = False, device: torch.device | None = None) -> FitResult:
+        resume: bool | str | os.PathLike = False, device: torch.device | None = None,
+        ddp: Mapping[str, Any] | None = None) -> FitResult:
     """Train ``model`` in place; see the module docstring.
 
     ``step(model, batch)`` returns the loss or ``(loss, {name: value})``; ``val_step`` (default
     ``step``) the same for validation. ``scheduler``: None builds :func:`warmup_cosine`; any other
     LR scheduler is stepped after every optimizer step. ``settings``: default
     ``TrainSettings.from_config(config)``. ``resume``: True continues from
-    ``out_dir/checkpoints/last.pt`` if there is one, a path from that checkpoint.
+    ``out_dir/checkpoints/last.pt`` if there is one, a path from that checkpoint. ``ddp``: options of
+    ``DistributedDataParallel`` for this model in several processes (:func:`lib.distributed.wrap`).
     """
     s = settings if settings is not None else TrainSettings.from_config(config)
     rank, world = distributed.rank_and_world()
@@ -99,16 +102,17 @@ def fit(model: torch.nn.Module, step: Callable, train_loader: Any, optimizer: to
     steps_per_epoch = math.ceil(n_batches / s.grad_accum)
     core = model.module if isinstance(model, DDP) else model
     core.to(device)
+    net = model
+    if world > 1 and core is model:  # DDP gives every rank rank 0's weights and buffers: before the EMA copies them
+        net = distributed.wrap(core, device, **(ddp or {}))
     if scheduler is None:
         scheduler = warmup_cosine(optimizer, s, steps_per_epoch)
     ema = None if s.ema_decay is None else AveragedModel(
         core, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
-    run = _Run(s=s, net=model, core=core, step=step, optimizer=optimizer, scheduler=scheduler, ema=ema,
+    run = _Run(s=s, net=net, core=core, step=step, optimizer=optimizer, scheduler=scheduler, ema=ema,
                device=device, rank=rank, world=world, n_batches=n_batches, out_dir=Path(out_dir),
                resolved=ckpt.plain({**config, **asdict(s)}), generators=_loader_generators(train_loader))
     resumed = _restore(run, resume)
-    if world > 1 and core is model:
-        run.net = distributed.wrap(core, device)
     run.log = RunLog(run.out_dir, run.main, run.progress, resumed, total_steps=s.epochs * steps_per_epoch)
     run.metrics = dict(run.log.epochs.rows[-1]) if run.log.epochs.rows else {}
     run.t0 = run.last_plot = _clock()
@@ -199,7 +203,10 @@ def _restore(run: _Run, resume: Any) -> bool:
         run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
-    run.progress, run.pending_rng = Progress(**state["progress"]), state["rng"][run.rank]
+    run.progress = Progress(**state["progress"])
+    if state["world_size"] != run.world:  # a finished run (ckpt.resume_state refuses others): no RNG to restore
+        return True
+    run.pending_rng = state["rng"][run.rank]
     if not 0 < run.progress.batch < run.n_batches:  # at an epoch boundary: nothing to replay
         ckpt.set_rng(run.pending_rng["now"], run.generators)
         run.pending_rng = None
@@ -342,6 +349,7 @@ def _save(run: _Run, improved: bool) -> None:
         raise NonFiniteError(f"not checkpointing: {bad!r} holds NaN or Inf at epoch {p.epoch}, step {p.step}; "
                              f"{_last_good(run.last_saved, to)}")
     in_epoch = 0 < p.batch < run.n_batches
+    distributed.sync_buffers(run.core, run.world)
     rng = distributed.gather({"now": ckpt.get_rng(run.generators), "epoch_start": run.epoch_rng if in_epoch else None},
                              run.world)
     if run.main:
@@ -422,28 +430,6 @@ def _unpack(out: Any, what: str) -> tuple[torch.Tensor, dict]:
         raise ValueError(f"the {what} function returned metric name(s) {sorted(map(str, clash))}, which the loop "
                          f"uses itself ({', '.join(sorted(_RESERVED))}, val_*); rename them")
     return loss.reshape(()), dict(values)
-
-
-def _length(loader: Any, name: str) -> int:
-    try:
-        n = len(loader)
-    except TypeError:
-        raise ValueError(f"{name} must have a length (a DataLoader over a map-style dataset); "
-                         f"got {type(loader).__name__} without len()") from None
-    if n == 0:
-        raise ValueError(f"{name} yields no batches (empty dataset, or drop_last with fewer samples than a batch)")
-    return n
-
-
-def _samplers(loader: Any) -> list:
-    found = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-    return [x for x in found if hasattr(x, "set_epoch")]
-
-
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
-    unique = {id(g): g for g in found if isinstance(g, torch.Generator)}
-    return list(unique.values())
 
 
 def _nbytes(module: torch.nn.Module) -> int:

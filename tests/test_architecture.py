@@ -33,16 +33,19 @@ ALLOWED = {
     "lib.data": {"lib.data", "lib.atomic", "lib.paths", "lib.config"},
     "lib.checkpoint": {"lib.atomic", "lib.config", "lib.models"},
     "lib.distributed": {"lib.device"},
+    "lib.loaders": {"lib.distributed", "lib.runs"},
+    "lib.multigpu": {"lib.checkpoint", "lib.distributed", "lib.atomic", "lib.config", "lib.device", "lib.runs",
+                     "lib.train", "lib.train_log"},
     "lib.train": {"lib.train_log", "lib.train_settings", "lib.checkpoint", "lib.device", "lib.distributed",
-                  "lib.atomic"},
+                  "lib.atomic", "lib.loaders"},
     "lib.train_log": {"lib.atomic"},
     "lib.train_settings": set(),
     "lib.families": {"lib.families", "lib.data", "lib.models", "lib.losses", "lib.metrics", "lib.train",
-                     "lib.checkpoint", "lib.viz", *GROUND},
+                     "lib.checkpoint", "lib.viz", "lib.loaders", "lib.multigpu", "lib.distributed", *GROUND},
     "lib.viz": {"lib.data", "lib.atomic"},
 }
 # modules that are the top floor: they may import any lib module
-TOP = {"lib.summary", "lib.kaggle", "lib.kaggle_bootstrap", "lib.pipeline", "lib.bench"}
+TOP = {"lib.summary", "lib.kaggle", "lib.kaggle_bootstrap", "lib.pipeline", "lib.bench", "lib.launch", "lib.gpu_check"}
 IO_MODULES = {"pathlib", "json", "csv", "pickle", "shutil", "tempfile", "nibabel", "pydicom", "pandas", "SimpleITK",
               "h5py", "zipfile"}
 

@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lib import metrics
+from lib import metrics, multigpu
+from lib.config import Config
 from lib.families.common import data_root
 from lib.data.cache import ArrayCache
 from lib.data.paired import SeriesPairs
@@ -42,8 +43,8 @@ from lib.families.results import row, write_heldout
 from lib.losses.diffusion import diffusion_loss, vae_loss
 from lib.models.diffusion import LatentDiffusion, SeriesDenoiser
 from lib.models.vae import FrameVAE
-from lib.runs import loader_seeding
-from lib.train import FitResult, TrainSettings, adamw, fit, load_weights
+from lib.loaders import loader
+from lib.train import FitResult, load_weights
 
 DATA_RANGE = 2.0  # the diffusion window scaled to [-1, 1] (lib.data.datasets.SeriesPairs)
 HU_PER_UNIT = WINDOWS["diffusion"][1] / DATA_RANGE  # 900 HU per unit of the [-1, 1] scale
@@ -186,10 +187,10 @@ def denoiser_steps(cfg: Mapping[str, Any]) -> tuple[partial, partial]:
 def vae_loaders(cfg: Mapping[str, Any], data: Mapping[str, Mapping[str, torch.Tensor]]) -> tuple[DataLoader, DataLoader]:
     """Every training frame (shuffled, seeded) and about :data:`VAE_VAL_FRAMES` validation frames."""
     val_frames = frames_of(data["val"])
-    train = DataLoader(TensorDataset(frames_of(data["train"])), batch_size=cfg["vae_batch_size"], shuffle=True,
-                       drop_last=True, **loader_seeding(cfg["seed"]))
-    val = DataLoader(TensorDataset(val_frames[:: max(1, len(val_frames) // VAE_VAL_FRAMES)]),
-                     batch_size=cfg["vae_batch_size"])
+    train = loader(TensorDataset(frames_of(data["train"])), cfg, train=True, batch_size=cfg["vae_batch_size"],
+                   workers=False)
+    val = loader(TensorDataset(val_frames[:: max(1, len(val_frames) // VAE_VAL_FRAMES)]), cfg, train=False,
+                 batch_size=cfg["vae_batch_size"], workers=False)
     print(f"{len(train.dataset)} training frames, {len(train)} steps per epoch; {len(val.dataset)} validation frames")
     return train, val
 
@@ -212,14 +213,16 @@ def train_vae(cfg: Mapping[str, Any], vae: FrameVAE, denoiser: SeriesDenoiser, d
         if cfg["vae_checkpoint"]:
             load_weights(vae, cfg["vae_checkpoint"])
         if cfg["vae_epochs"]:
-            train, val = vae_loaders(cfg, data)
-            train_step, val_step = vae_steps(cfg)
-            # the preset's grad_accum and ema_decay are the denoiser's
-            settings = TrainSettings.from_config(cfg, epochs=cfg["vae_epochs"], grad_accum=1, ema_decay=None,
-                                                 time_budget_s=time_budget_s)
-            optimizer = adamw(vae.parameter_groups(cfg["vae_lr"]), weight_decay=cfg["weight_decay"])
-            result = fit(vae, train_step, train, optimizer, out_dir=run.dir / "vae", config=cfg, settings=settings,
-                         val_loader=val, val_step=val_step, resume=cfg["resume"], device=run.device)
+            n = multigpu.processes(cfg)
+            if n > 1:
+                from lib.families.ct_diffusion_processes import vae_process
+
+                result = multigpu.fit_in_processes(vae_process, Config(cfg, time_budget_s=time_budget_s),
+                                                   run.dir / "vae", vae, run.device, n)
+            else:
+                from lib.families.ct_diffusion_processes import fit_vae
+
+                result = fit_vae(cfg, vae, data, run.dir / "vae", run.device, time_budget_s)
             print(result.status, {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
             if result.status != "completed":
                 raise RuntimeError(f"stage 1 stopped at the time budget; continue it with resume=True and "
@@ -234,6 +237,7 @@ def train_vae(cfg: Mapping[str, Any], vae: FrameVAE, denoiser: SeriesDenoiser, d
 def encode_latents(cfg: Mapping[str, Any], vae: FrameVAE, data: Mapping, device: torch.device) -> dict:
     """Scaled latents (posterior means) of every training and validation series, ``{split: {baseline,
     target}}``; unless the VAE has a scale factor, it becomes 1 / std of the training latents first."""
+    vae.to(device)  # where the data goes (a no-op when it is there already)
     computed = not vae.has_scale_factor
     chunk = encode_chunk(cfg["frame_size"])
     with torch.no_grad(), autocast(device):
@@ -259,6 +263,7 @@ def scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
 def vae_ceiling(cfg: Mapping[str, Any], vae: FrameVAE, target: torch.Tensor, device: torch.device
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The VAE's round trip of the held-out targets and its :func:`scores`: no translation can do better."""
+    vae.to(device)  # where the data goes (a no-op when it is there already)
     chunk = encode_chunk(cfg["frame_size"])
     with torch.no_grad(), autocast(device):
         recon = vae.decode(vae.encode(target.to(device), chunk), chunk).float().cpu()
@@ -276,9 +281,8 @@ def denoiser_loaders(cfg: Mapping[str, Any], latents: Mapping) -> tuple[DataLoad
     windows = {s: TensorDataset(*(series_windows(latents[s][k], cfg["frames"],
                                                  cfg["window_stride"] if s == "train" else cfg["frames"])
                                   for k in ("target", "baseline"))) for s in ("train", "val")}
-    train = DataLoader(windows["train"], batch_size=cfg["batch_size"], shuffle=True, drop_last=True,
-                       **loader_seeding(cfg["seed"]))
-    val = DataLoader(windows["val"], batch_size=cfg["batch_size"])
+    train = loader(windows["train"], cfg, train=True, workers=False)
+    val = loader(windows["val"], cfg, train=False, workers=False)
     print(f"{len(windows['train'])} training windows ({len(train)} steps per epoch), "
           f"{len(windows['val'])} validation windows")
     return train, val
@@ -289,14 +293,18 @@ def train_denoiser(cfg: Mapping[str, Any], ldm: LatentDiffusion, latents: Mappin
     """Stage 2: ``epochs`` of the denoiser on the frozen VAE's latents into ``run.dir / "denoiser"`` (the
     checkpoints hold the VAE too), then its best (EMA, if any) weights; leaves ``ldm`` in eval mode.
     ``epochs=0`` needs a ``denoiser_checkpoint`` (already loaded by :func:`train_vae`)."""
-    train, val = denoiser_loaders(cfg, latents)
     result = None
     if cfg["epochs"]:
-        train_step, val_step = denoiser_steps(cfg)
-        optimizer = adamw(ldm.denoiser.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        result = fit(ldm, train_step, train, optimizer, out_dir=run.dir / "denoiser", config=cfg,
-                     settings=TrainSettings.from_config(cfg, time_budget_s=time_budget_s), val_loader=val,
-                     val_step=val_step, resume=cfg["resume"], device=run.device)
+        n = multigpu.processes(cfg)
+        if n > 1:
+            from lib.families.ct_diffusion_processes import denoiser_process
+
+            result = multigpu.fit_in_processes(denoiser_process, Config(cfg, time_budget_s=time_budget_s),
+                                               run.dir / "denoiser", ldm, run.device, n)
+        else:
+            from lib.families.ct_diffusion_processes import fit_denoiser
+
+            result = fit_denoiser(cfg, ldm, latents, run.dir / "denoiser", run.device, time_budget_s)
         load_weights(ldm, result.checkpoint)  # the EMA weights when ema_decay is set
         print(result.status, {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
     elif not cfg["denoiser_checkpoint"]:
@@ -310,6 +318,7 @@ def predict(cfg: Mapping[str, Any], ldm: LatentDiffusion, baseline: torch.Tensor
     """The translation of the held-out ``baseline`` series ``[N, 1, T, H, W]`` (DDIM, ``ddim_steps``,
     ``eta``, ``sample_seed``) and its timing per frame (encoding, sampling and decoding); checks that the
     same seed gives the same first series again."""
+    ldm.to(device)  # where the data goes (a no-op when it is there already)
     sampling = dict(num_inference_steps=cfg["ddim_steps"], eta=cfg["eta"], seed=cfg["sample_seed"], **schedule_of(cfg))
     t0, c0 = time.perf_counter(), time.process_time()
     with autocast(device):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from lib import metrics
+from lib import metrics, multigpu
 from lib import train as loop
 from lib.atomic import write_csv
 from lib.config import args_for, resolve
@@ -170,20 +170,50 @@ def pretrain_encoder(cfg: Mapping[str, Any], model: nn.Module, data_loaders: Map
     if not cfg["mim_epochs"]:
         return None, None
     mim = build_mim(cfg)
-    step, val = steps(cfg, "mim")
-    optimizer = loop.adamw(mim.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    result = loop.fit(mim, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
-                      val_loader=data_loaders["val"], val_step=val, resume=cfg["resume"], device=device,
-                      settings=loop.TrainSettings.from_config(cfg, epochs=cfg["mim_epochs"]))
+    n = multigpu.processes(cfg)
+    if n > 1:
+        result = multigpu.fit_in_processes(mim_process, cfg, out_dir, mim, device, n)
+    else:
+        step, val = steps(cfg, "mim")
+        optimizer = loop.adamw(mim.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        result = loop.fit(mim, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
+                          val_loader=data_loaders["val"], val_step=val, resume=cfg["resume"], device=device,
+                          settings=loop.TrainSettings.from_config(cfg, epochs=cfg["mim_epochs"]))
     loop.load_weights(mim, result.best_checkpoint or result.checkpoint)
     model.encoder.load_state_dict(mim.encoder.state_dict())
     return mim, result
+
+
+def mim_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, loop.FitResult]:
+    """The masked-reconstruction stage of 05_cxr_change in one of several processes (:mod:`lib.multigpu`)."""
+    mim, result = pretrain_encoder(cfg, build(cfg), loaders(cfg, datasets(cfg)), out_dir)
+    return mim, result
+
+
+def change_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, loop.FitResult]:
+    """The change-map training of 05_cxr_change in one of several processes (:mod:`lib.multigpu`): the
+    notebook's data and model, the encoder of the masked-reconstruction stage (``out_dir/mim``), :func:`train`."""
+    model = build(cfg)
+    if cfg["mim_epochs"]:
+        folder = Path(out_dir) / "mim" / "checkpoints"
+        mim = loop.load_weights(build_mim(cfg), folder / "best.pt" if (folder / "best.pt").exists() else folder / "last.pt")
+        model.encoder.load_state_dict(mim.encoder.state_dict())
+    return model, train(cfg, model, loaders(cfg, datasets(cfg)), out_dir)
+
+
+PROCESSES = ((mim_process, "mim"), (change_process, ""))  # what python -m lib.launch runs: (function, sub-folder)
+
+
+def ddp_options(cfg: Mapping[str, Any]) -> dict:
+    """A frozen encoder has no gradient (DDP skips it); auxiliary heads whose weight is 0 are unused."""
+    return {"find_unused_parameters": True}
 
 
 def mim_example(cfg: Mapping[str, Any], mim: MaskedReconstructionModel, data: CXRPairs,
                 device: torch.device) -> dict[str, torch.Tensor]:
     """The first pair's follow-up of ``data``, a mask (seeded by ``cfg.seed``), what the encoder saw and the
     reconstruction with the visible pixels pasted back: ``{name: [1, 1, S, S]}`` for :func:`lib.viz`."""
+    mim.to(device)  # where the data goes (a no-op when it is there already)
     x = data[0]["followup"][None].to(device)
     mask = random_patch_mask(1, cfg["image_size"], cfg["mim_patch"], cfg["mim_mask_ratio"], device=device,
                              generator=torch.Generator().manual_seed(cfg["seed"]))
@@ -203,13 +233,17 @@ def train(cfg: Mapping[str, Any], model: nn.Module, data_loaders: Mapping[str, D
     if cfg["freeze_encoder"]:
         freeze_encoder(model)
     net = aux.wrap(cfg, model)
-    step, val = steps(cfg, "change") if net is model else aux.steps(cfg)
-    optimizer = loop.adamw([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"],
-                           weight_decay=cfg["weight_decay"])
-    settings = loop.TrainSettings.from_config(cfg, best_metric="val_soft_dice", best_mode="max")
-    result = loop.fit(net, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
-                      val_loader=data_loaders["val"], val_step=val, settings=settings, resume=cfg["resume"],
-                      device=device)
+    n = multigpu.processes(cfg)
+    if n > 1:
+        result = multigpu.fit_in_processes(change_process, cfg, out_dir, net, device, n)
+    else:
+        step, val = steps(cfg, "change") if net is model else aux.steps(cfg)
+        optimizer = loop.adamw([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"],
+                               weight_decay=cfg["weight_decay"])
+        settings = loop.TrainSettings.from_config(cfg, best_metric="val_soft_dice", best_mode="max")
+        result = loop.fit(net, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
+                          val_loader=data_loaders["val"], val_step=val, settings=settings, resume=cfg["resume"],
+                          device=device, ddp=ddp_options(cfg))
     loop.load_weights(net, result.best_checkpoint or result.checkpoint)
     return result
 
@@ -223,6 +257,7 @@ def predict(model: nn.Module, loader, device: torch.device, amp: bool = True) ->
     Returns ``baseline``, ``followup``, ``change``, ``pred`` (``[N, 1, S, S]`` float32 on the CPU),
     ``nuisance_only`` ``[N]`` and ``pair`` (names).
     """
+    model.to(device)  # where the data goes (a no-op when it is there already)
     was = model.training
     model.eval()
     out: dict = {k: [] for k in ("baseline", "followup", "change", "pred", "nuisance_only", "pair")}
@@ -334,6 +369,7 @@ def real_radiograph(cfg: Mapping[str, Any], model: nn.Module, path: str | Path, 
                     device: torch.device) -> tuple[radiograph.Radiograph, torch.Tensor, float]:
     """A real DICOM radiograph through the preprocessing and ``model`` as its own follow-up: the radiograph,
     ``model(x, x)`` ``[1, 1, S, S]`` on the CPU and the share of its pixels above ``threshold``."""
+    model.to(device)  # where the data goes (a no-op when it is there already)
     xr = radiograph.read_radiograph(path, cfg["image_size"])
     x = xr.tensor().to(device)
     with torch.no_grad(), autocast(device, cfg["amp"]):

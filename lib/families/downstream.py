@@ -131,6 +131,7 @@ def train_step(model: BlobClassifier, batch: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def scores(model: BlobClassifier, data: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.to(device)  # where the data goes (a no-op when it is there already)
     model.eval()
     s, y = [], []
     for x, labels in data.values():

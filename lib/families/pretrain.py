@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from lib import metrics, train
+from lib import metrics, multigpu, train
 from lib.atomic import write_csv
 from lib.checkpoint import load_encoder, save_encoder
 from lib.config import args_for, resolve
@@ -37,7 +37,7 @@ from lib.losses.contrastive import SpatialInfoNCE
 from lib.losses.masking import MiMHierarchicalMasking
 from lib.models.pretrainer import WaveFormerSparKMiMPretrainer, normalise_patches, patchify, unpatchify
 from lib.models.waveformer import WaveFormer3D
-from lib.runs import loader_seeding
+from lib.loaders import loader
 
 FAMILY = "ssl_pretraining"
 EVAL_SEED = 20250  # masks of val_step: the same at every validation, so validation losses compare
@@ -121,8 +121,8 @@ class Volumes:
     def alternating(self, split: str, train_mode: bool) -> datasets.AlternatingLoader:
         sizes = {"MRI": self.cfg["batch_size"], "CT": self.ct_batch}
         return datasets.AlternatingLoader({
-            m: DataLoader(self.dataset(m, split, augment=train_mode), batch_size=sizes[m], shuffle=train_mode,
-                          num_workers=self.cfg["num_workers"], **loader_seeding(self.cfg["seed"] + i))
+            m: loader(self.dataset(m, split, augment=train_mode), self.cfg, train=train_mode, batch_size=sizes[m],
+                      seed_offset=i, drop_last=False)
             for i, m in enumerate(datasets.MODALITIES) if m in self.modalities})
 
     def loader(self, modality: str, split: str, batch_size: int) -> DataLoader:
@@ -166,6 +166,7 @@ def spread(encoder: WaveFormer3D, probe: torch.Tensor, device: torch.device | st
     """The collapse check: the shares of the encoder's final-map variance across the locations of a volume
     and across volumes at the same location (:func:`lib.metrics.location_variance_ratio`,
     :func:`lib.metrics.content_variance_ratio`); leaves the encoder in training mode."""
+    encoder.to(device)  # where the data goes (a no-op when it is there already)
     encoder.eval()
     f = encoder(probe.to(device))
     encoder.train()
@@ -190,14 +191,34 @@ def val_step(model: WaveFormerSparKMiMPretrainer, batch: Any, seed: int = EVAL_S
     return out.loss, out.metrics()
 
 
+# MRI and CT batches go through different patch embeddings and heads: each step leaves some parameters unused.
+DDP_OPTIONS = {"find_unused_parameters": True}
+
+
 def train_model(model: WaveFormerSparKMiMPretrainer, cfg: Mapping[str, Any], train_loader: Any, val_loader: Any,
-                out_dir: str | Path, device: torch.device) -> train.FitResult:
+                out_dir: str | Path, device: torch.device | None) -> train.FitResult:
     """One call into ``lib.train.fit``: AdamW, warm-up + cosine, the run's settings; a ``steps.csv`` row per
-    MRI + CT pair of steps."""
+    MRI + CT pair of steps. With ``gpus`` > 1: :func:`train_process` in that many processes (the loaders
+    given here are then unused), the result loaded into ``model``."""
+    n = multigpu.processes(cfg)
+    if n > 1:
+        return multigpu.fit_in_processes(train_process, cfg, out_dir, model, device, n)
     optimizer = train.adamw(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     settings = train.TrainSettings.from_config(cfg, log_every=2)
     return train.fit(model, train_step, train_loader, optimizer, out_dir=out_dir, config=cfg, val_loader=val_loader,
-                     val_step=val_step, settings=settings, resume=cfg["resume"], device=device)
+                     val_step=val_step, settings=settings, resume=cfg["resume"], device=device, ddp=DDP_OPTIONS)
+
+
+def train_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[WaveFormerSparKMiMPretrainer, train.FitResult]:
+    """The training of 03_pretrain in one of several processes (:mod:`lib.multigpu`, ``python -m lib.launch``):
+    the notebook's data and model cells, then :func:`train_model`."""
+    files, _ = find_data(cfg)
+    train_loader, val_loader, _ = loaders(Volumes(cfg, files, ArrayCache()))
+    model = build(cfg)
+    return model, train_model(model, cfg, train_loader, val_loader, out_dir, None)
+
+
+PROCESSES = ((train_process, ""),)  # what python -m lib.launch runs: (function, sub-folder of the run), in order
 
 
 def load_best(model: WaveFormerSparKMiMPretrainer, result: train.FitResult, device: torch.device) -> Path:
@@ -234,6 +255,7 @@ def heldout_reconstruction(model: WaveFormerSparKMiMPretrainer, volumes: Iterabl
     batch from a generator seeded with ``seed``. Returns means over all masked tokens (fp32, eval mode),
     the number of masked tokens and of volumes.
     """
+    model.to(device)  # where the data goes (a no-op when it is there already)
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -317,6 +339,7 @@ def reconstruction_example(model: WaveFormerSparKMiMPretrainer, x: torch.Tensor,
 def reconstruction_examples(model: WaveFormerSparKMiMPretrainer, data: Volumes, seed: int,
                             device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """:func:`reconstruction_example` of the first test volume of each modality (masks seeded per modality)."""
+    model.to(device)  # where the data goes (a no-op when it is there already)
     out = {}
     for i, m in enumerate(data.modalities):
         x = data.dataset(m, "test")[0][None].to(device)

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lib import metrics, runs
 from lib.data.cache import ArrayCache
@@ -41,6 +41,7 @@ from lib.data.io import load_volume
 from lib.data.prepared import PreparedDataset
 from lib.data.transforms import ct_windows
 from lib.families import downstream
+from lib.loaders import loader
 from lib.train import TrainSettings, adamw, fit, load_weights
 
 NOTEBOOK, FAMILY = "09_rsna_aneurysm", "ssl_pretraining"
@@ -323,9 +324,9 @@ def train_arm(cfg: Mapping[str, Any], arm: str, fraction: float, seed: int, pret
     by validation loss, its weights loaded). A probe's encoder gets no optimizer state."""
     runs.seed_everything(seed)
     model = make_model(arm, pretrained, seed)
-    train = {m: DataLoader(s, batch_size=cfg["batch_size"], shuffle=True, num_workers=cfg["num_workers"],
-                           **runs.loader_seeding(seed)) for m, s in subset(sets["train"], fraction, seed).items()}
-    val = {m: DataLoader(s, batch_size=cfg["batch_size"]) for m, s in sets["val"].items()}
+    train = {m: loader(s, {**cfg, "seed": seed}, train=True, drop_last=False)
+             for m, s in subset(sets["train"], fraction, seed).items()}
+    val = {m: loader(s, cfg, train=False, workers=False) for m, s in sets["val"].items()}
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     result = fit(model, functools.partial(step, point_weight=cfg["point_weight"]), AlternatingLoader(train), optimizer,
                  out_dir=out_dir, config={**cfg, "seed": seed, "arm": arm, "label_fraction": fraction},
@@ -339,6 +340,7 @@ def train_arm(cfg: Mapping[str, Any], arm: str, fraction: float, seed: int, pret
 def predict_split(model: SeriesClassifier, sets: Mapping[str, SeriesSet], device: torch.device,
                   batch_size: int = 4) -> pd.DataFrame:
     """Probabilities of every series of a split: ``image_id``, ``modality`` and one column per label."""
+    model.to(device)  # where the data goes (a no-op when it is there already)
     model.eval()
     rows = []
     for m, s in sets.items():
@@ -378,6 +380,8 @@ def run_grid(cfg: Mapping[str, Any], pretrained: nn.Module, sets, out_dir: str |
     (the one the submission uses)."""
     from tqdm.auto import tqdm
 
+    if cfg.get("gpus", 1) != 1:
+        raise ValueError(f"09_rsna_aneurysm: parameter 'gpus' is {cfg['gpus']}: its small arms train one after another here; use 1")
     rows, kept = [], None
     for arm, fraction, seed in tqdm(plan(cfg), desc="09 arms", disable=not progress):
         model = train_arm(cfg, arm, fraction, seed, pretrained, sets, Path(out_dir) / f"{arm}-f{fraction:g}-seed{seed}", device)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from lib import distributed, multigpu
 from lib import train as loop
 from lib.atomic import write_csv, write_json
 from lib.checkpoint import load_encoder
@@ -29,7 +30,7 @@ from lib.data import transforms
 from lib.data.cache import ArrayCache
 from lib.data.paired import DRRVolumes
 from lib.data.io import Volume, load_volume, save_volume
-from lib.device import autocast
+from lib.device import autocast, pick_device
 from lib.families.common import count_parameters, data_root, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses import medical
@@ -143,13 +144,34 @@ def steps(cfg: Mapping[str, Any], loss_fn: nn.Module) -> tuple[functools.partial
 def train(cfg: Mapping[str, Any], model: nn.Module, loss_fn: nn.Module, data_loaders: Mapping[str, DataLoader],
           out_dir: str | Path, device: torch.device | None = None) -> loop.FitResult:
     """Train with :func:`lib.train.fit` (AdamW, warm-up + cosine, ``cfg``'s settings), keeping the best
-    epoch by validation PSNR; ``cfg.resume`` continues the run in ``out_dir``."""
+    epoch by validation PSNR; ``cfg.resume`` continues the run in ``out_dir``. With ``gpus`` > 1:
+    :func:`train_process` in that many processes, the result loaded into ``model``."""
+    n = multigpu.processes(cfg)
+    if n > 1:
+        return multigpu.fit_in_processes(train_process, cfg, out_dir, model, device, n)
     step, val = steps(cfg, loss_fn)
     optimizer = loop.adamw(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     settings = loop.TrainSettings.from_config(cfg, best_metric="val_psnr", best_mode="max")
     return loop.fit(model, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
                     val_loader=data_loaders["val"], val_step=val, settings=settings, resume=cfg["resume"],
-                    device=device)
+                    device=device, ddp=DDP_OPTIONS)
+
+
+# The attention gates hold BatchNorm: normalised over every rank's batch on CUDA (on a CPU each rank uses
+# its own). Deep supervision: a coarse output whose loss weight is 0 would leave its head without gradient.
+DDP_OPTIONS = {"sync_batchnorm": True, "find_unused_parameters": True}
+
+
+def train_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, loop.FitResult]:
+    """The training of 06_xray_to_ct in one of several processes (:mod:`lib.multigpu`, ``python -m
+    lib.launch``): the notebook's data, model and loss cells, then :func:`train`."""
+    data = datasets(cfg)
+    model = build(cfg, volume_extent=data["train"].volume_extent(), prior=mean_volume(data["train"]))
+    device = distributed.rank_device(pick_device(cfg.get("device")), distributed.rank_and_world()[1])
+    return model, train(cfg, model, build_loss(cfg, device), loaders(cfg, data), out_dir)
+
+
+PROCESSES = ((train_process, ""),)  # what python -m lib.launch runs: (function, sub-folder of the run)
 
 
 # --------------------------------------------------------------------------- inference and evaluation
@@ -158,6 +180,7 @@ def train(cfg: Mapping[str, Any], model: nn.Module, loss_fn: nn.Module, data_loa
 def predict(model: HybridCNNViTUNet3D, loader, device: torch.device, amp: bool = True) -> dict:
     """Run ``model`` (eval mode) over a loader of ``DRRVolumes`` batches: ``{"subject": [...], "views",
     "ct", "pred"}`` on the CPU, ``pred`` clipped to [0, 1] (the range the targets are mapped to)."""
+    model.to(device)  # where the data goes (a no-op when it is there already)
     model.eval()
     out: dict = {"subject": [], "views": [], "ct": [], "pred": []}
     for batch in loader:
