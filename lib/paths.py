@@ -6,6 +6,8 @@ Environment variables move the roots elsewhere, e.g. for tests or a scratch disk
 - ``MEDIMG_RESULTS_DIR``: results root (default ``ROOT/results``; on Kaggle ``<working>/results``)
 - ``MEDIMG_DATA_DIR``: data root with ``raw/``, ``processed/``, ``cache/`` (default ``ROOT/data``;
   on Kaggle ``<working>/data``)
+- ``MEDIMG_CACHE_DIR``: the cache of preprocessed arrays, e.g. on a fast local scratch disk (default
+  ``<data root>/cache``, following ``MEDIMG_DATA_DIR``)
 - ``MEDIMG_KAGGLE_INPUT`` / ``MEDIMG_KAGGLE_WORKING``: Kaggle's read-only input root (attached
   datasets) and writable working root (default ``/kaggle/input`` and ``/kaggle/working``); code runs
   "on Kaggle" when ``KAGGLE_KERNEL_RUN_TYPE`` is set, as Kaggle does in every kernel.
@@ -57,3 +59,8 @@ def results_dir() -> Path:
 def data_dir() -> Path:
     """Root of raw, processed and cached data (ignored by git)."""
     return _from_env("MEDIMG_DATA_DIR", kaggle_working_root() / "data" if on_kaggle() else ROOT / "data")
+
+
+def cache_dir() -> Path:
+    """Root of the cache of preprocessed arrays (:class:`lib.data.cache.ArrayCache`); put it on fast scratch."""
+    return _from_env("MEDIMG_CACHE_DIR", data_dir() / "cache")

@@ -3,7 +3,8 @@
 - :class:`VolumeDataset`: brain MRI (1 channel, intensity-normalised) or CT (3 windows from HU), with
   the research's augmentations (random flip, random 90° rotation, Gaussian noise 0.01, resize to the
   preset size). Preprocessing (reorientation, windows, isotropic resampling, crop/pad) runs once per
-  file and parameter set and is cached (:class:`lib.data.cache.ArrayCache`).
+  file and parameter set and is cached (:class:`lib.data.cache.ArrayCache`). A dataset given a cache
+  takes its files' digests when it is built, so its DataLoader workers never hash a file.
 - :class:`AlternatingLoader`: MRI and CT batches cannot share a batch (1 vs 3 channels); it alternates
   them, each with its own batch size.
 - :class:`SeriesPairs` (CT series translation), :class:`CXRPairs` (longitudinal radiographs and their
@@ -174,6 +175,8 @@ class VolumeDataset(Dataset):
         self.params = {"modality": modality, "spacing": spacing, "prep_size": list(prep_size), "windows":
                        list(("brain", "subdural", "bone")) if modality == "CT" else None}
         self.augment, self.noise_std, self.cache = augment, noise_std, cache
+        if cache is not None:
+            cache.digests(self.files)  # hashed here (or read from the index) once: workers get them pickled
 
     def __len__(self) -> int:
         return len(self.files)

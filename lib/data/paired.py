@@ -70,6 +70,8 @@ class SeriesPairs(Dataset):
         self.subjects = [s for s, _, _ in self.items]
         if not self.items:
             raise ValueError(f"no paired series ({source} -> {target}) in split {split!r} of {self.cohort.root}")
+        if cache is not None:  # digests taken once, here: the DataLoader's workers receive them pickled
+            cache.digests(self.cohort.file(i) for _, a, b in self.items for i in (a, b))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -213,6 +215,8 @@ class DRRVolumes(Dataset):
         self.subjects = list(self._ct)
         if not self.subjects:
             raise ValueError(f"no chest CT with radiographs in split {split!r} of {self.cohort.root}")
+        if cache is not None:  # digests taken once, here: the DataLoader's workers receive them pickled
+            cache.digests(self.ct_path(s) for s in self.subjects)
 
     def _layout(self, split: str) -> tuple[dict[str, str], dict[str, dict[float, str]]]:
         """Subject -> CT image id, and subject -> {angle: stored view's image id}."""
