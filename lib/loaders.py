@@ -65,7 +65,10 @@ def length(loader: Any, name: str) -> int:
         raise ValueError(f"{name} must have a length (a DataLoader over a map-style dataset); "
                          f"got {type(loader).__name__} without len()") from None
     if n == 0:
-        raise ValueError(f"{name} yields no batches (empty dataset, or drop_last with fewer samples than a batch)")
+        shards = getattr(next((s for s in samplers(loader)), None), "num_replicas", 1)
+        split = f"; each of the {shards} processes sees 1/{shards} of the data" if shards > 1 else ""
+        raise ValueError(f"{name} yields no batches (empty dataset, or drop_last with fewer samples than a batch"
+                         f"{split}): lower batch_size or add data")
     return n
 
 

@@ -75,7 +75,7 @@ class FitResult:
     status: str                       # "completed" or "time_budget" (resume to continue)
     progress: Progress
     metrics: dict                     # the last epochs.csv row
-    checkpoint: Path | None           # last.pt (None on ranks other than 0)
+    checkpoint: Path | None           # last.pt
     best_checkpoint: Path | None
     ema: AveragedModel | None         # ema.module holds the averaged weights
     timings: dict                     # seconds: total, validation, checkpoint, plot
@@ -381,8 +381,10 @@ def _finish(run: _Run, status: str) -> FitResult:
         print(f"time budget of {run.s.time_budget_s:g} s reached: stopped at epoch {p.epoch}, step {p.step}; "
               f"checkpoint {last} (resume=True continues)")
     distributed.barrier(run.world)
-    return FitResult(status=status, progress=p, metrics=run.metrics, checkpoint=last if run.main else None,
-                     best_checkpoint=best if run.main and best.exists() else None, ema=run.ema, timings=run.timings)
+    # Every rank gets the paths (rank 0 wrote the files before the barrier): a family that loads the best
+    # weights after fit does so on every rank (the run folder must be on a file system all ranks share).
+    return FitResult(status=status, progress=p, metrics=run.metrics, checkpoint=last,
+                     best_checkpoint=best if best.exists() else None, ema=run.ema, timings=run.timings)
 
 
 # --------------------------------------------------------------------------- also used outside fit

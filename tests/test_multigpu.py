@@ -147,3 +147,16 @@ def test_gpus_2_in_a_notebook_trains_in_two_spawned_processes_and_the_notebook_g
     report = _report(run_dir)
     assert report["world_size"] == 2 and report["identical_weights"]
     assert (run_dir / "encoder.pt").exists() and (run_dir / "heldout_metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook, stages", [("04_ct_diffusion", ("vae/launch-vae_process", "denoiser/launch-denoiser_process")),
+                                              ("05_cxr_change", ("mim/launch-mim_process", "launch-change_process"))])
+def test_torchrun_trains_every_stage_of_04_and_05(tmp_path, notebook, stages):
+    # batch 1 per process: the smoke cohort's few pairs, split over two processes, still make full batches
+    _torchrun(tmp_path, notebook, "-p", "batch_size", "1")
+    run_dir, record = only_run(tmp_path / "results", notebook)
+    assert record["status"] == "completed"
+    for stage in stages:
+        report = json.loads((run_dir / f"{stage}.json").read_text())
+        assert report["status"] == "completed" and report["world_size"] == 2 and report["identical_weights"], stage

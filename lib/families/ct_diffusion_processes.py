@@ -22,8 +22,9 @@ from lib.models.diffusion import LatentDiffusion
 from lib.train import FitResult, TrainSettings, adamw, fit, load_weights
 
 
-# The discriminator (adv_weight > 0) is trained outside the VAE's forward; without it every parameter is used.
-VAE_DDP = {"find_unused_parameters": True}
+# DDP's defaults: the discriminator exists only with adv_weight > 0 and then gets its gradient outside the VAE's
+# forward, which DDP's hooks see all the same (find_unused_parameters would mark it ready twice).
+VAE_DDP: dict = {}
 
 
 def fit_vae(cfg: Mapping[str, Any], vae: torch.nn.Module, data: Mapping, out_dir: Path, device: torch.device | None,

@@ -205,8 +205,10 @@ PROCESSES = ((mim_process, "mim"), (change_process, ""))  # what python -m lib.l
 
 
 def ddp_options(cfg: Mapping[str, Any]) -> dict:
-    """A frozen encoder has no gradient (DDP skips it); auxiliary heads whose weight is 0 are unused."""
-    return {"find_unused_parameters": True}
+    """DDP's defaults: a frozen encoder has no gradient (DDP leaves it out); the auxiliary networks exist only
+    when their weight is not 0, and then get their gradients outside the change model's forward, which DDP's
+    hooks see all the same (``find_unused_parameters`` would mark them ready twice)."""
+    return {}
 
 
 def mim_example(cfg: Mapping[str, Any], mim: MaskedReconstructionModel, data: CXRPairs,

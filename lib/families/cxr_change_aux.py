@@ -94,18 +94,19 @@ def aux_step(net: AuxChangeModel, batch: Mapping[str, Any], *, augment: bool, di
     loss, terms = change_loss(pred, c, dice_weight)
     if not net.training:
         return loss, terms
-    if net.discriminator is not None and adv_weight:
-        disc = net.discriminator
+    core = getattr(net, "module", net)  # under DDP: its networks (the change model's forward stays in DDP)
+    if core.discriminator is not None and adv_weight:
+        disc = core.discriminator
         d_loss = 0.5 * (_bce(disc(b, f, change_target(c).to(pred.dtype)), 1.0) + _bce(disc(b, f, pred.detach()), 0.0))
         frozen = {k: v.detach() for k, v in disc.named_parameters()}
         g_loss = _bce(torch.func.functional_call(disc, frozen, (b, f, pred)), 1.0)
         loss = loss + d_loss + adv_weight * g_loss
         terms = {**terms, "adv_d": d_loss.detach(), "adv_g": g_loss.detach()}
-    if net.classifier is not None and classify_weight:
+    if core.classifier is not None and classify_weight:
         if findings is None:
             raise ValueError("classify_weight > 0 needs pairs that say which findings each image carries "
                              "(pairs.csv persistent / resolved / appeared)")
-        cls = _bce(net.classifier(torch.cat([b, f])), torch.cat(findings))
+        cls = _bce(core.classifier(torch.cat([b, f])), torch.cat(findings))
         loss = loss + classify_weight * cls
         terms = {**terms, "classify": cls.detach()}
     return loss, terms
