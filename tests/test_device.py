@@ -54,3 +54,13 @@ def test_cuda_autocast_dtype_follows_compute_capability(monkeypatch, capability,
     d = torch.device("cuda")
     assert dev.autocast_dtype(d) == expected
     assert dev.needs_grad_scaler(d) == (expected == torch.float16)
+
+
+def test_amp_dtype_can_be_forced_on_a_gpu_never_fp16_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setenv(dev.AMP_ENV_VAR, "float16")  # an H100 checks the T4's fp16 + loss-scaling path
+    assert dev.autocast_dtype(torch.device("cuda")) == torch.float16 and dev.needs_grad_scaler(torch.device("cuda"))
+    assert dev.autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv(dev.AMP_ENV_VAR, "half")
+    with pytest.raises(ValueError, match=r"\$MEDIMG_AMP_DTYPE: unknown autocast dtype 'half'; valid choices"):
+        dev.autocast_dtype(torch.device("cuda"))
