@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lib import metrics, runs
+from lib import metrics, multigpu, runs
 from lib.data.cache import ArrayCache
 from lib.data.convert.rsna2025_aneurysm import LABELS
 from lib.data.datasets import AlternatingLoader, normalise_mri
@@ -380,16 +380,15 @@ def run_grid(cfg: Mapping[str, Any], pretrained: nn.Module, sets, out_dir: str |
     (the one the submission uses)."""
     from tqdm.auto import tqdm
 
-    if cfg.get("gpus", 1) != 1:
-        raise ValueError(f"09_rsna_aneurysm: parameter 'gpus' is {cfg['gpus']}: its small arms train one after another here; use 1")
+    from lib.families import rsna_arms
+
+    if (n := multigpu.processes(cfg)) > 1:  # independent trainings: each GPU takes its share (lib.families.rsna_arms)
+        return rsna_arms.run_grid_parallel(cfg, pretrained, sets, out_dir, device, n)
     rows, kept = [], None
     for arm, fraction, seed in tqdm(plan(cfg), desc="09 arms", disable=not progress):
-        model = train_arm(cfg, arm, fraction, seed, pretrained, sets, Path(out_dir) / f"{arm}-f{fraction:g}-seed{seed}", device)
-        n_train = sum(len(v) for v in subset(sets["train"], fraction, seed).values())
-        rows.append({"arm": arm, "label_fraction": fraction, "seed": seed, "n_train": n_train,
-                     **score(predict_split(model, sets["test"], device), sets["test"])})
-        if (arm, fraction, seed) == ("finetune", 1.0, 0):
-            kept = model
+        model, row = rsna_arms.train_and_score(cfg, (arm, fraction, seed), pretrained, sets, out_dir, device)
+        rows.append(row)
+        kept = model if (arm, fraction, seed) == ("finetune", 1.0, 0) else kept
     return pd.DataFrame(rows), kept
 
 
