@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any, Callable
 
 import torch
@@ -37,17 +38,25 @@ def launch(fn: Callable, nprocs: int, args: tuple = (), backend: str | None = No
            start_method: str | None = None) -> None:
     """Run ``fn(*args)`` in ``nprocs`` processes joined in a process group (Kaggle's T4 x2 from a notebook).
 
-    ``fork`` (the default where it exists) also runs functions defined in a notebook; it needs a parent
-    that has not touched CUDA yet. Results travel through files: rank 0 writes them.
+    ``fork`` (the default where it exists, while this process has not touched CUDA) also runs functions
+    defined in a notebook; once CUDA is initialised, ``spawn`` (a forked child cannot use CUDA), which needs
+    ``fn`` importable from a module (the families' training uses :mod:`lib.multigpu`, which always spawns).
+    Results travel through files: rank 0 writes them.
     """
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
     import torch.multiprocessing as mp
 
-    start_method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    forkable = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+    start_method = start_method or ("fork" if forkable else "spawn")
     if start_method == "fork" and torch.cuda.is_initialized():
         raise RuntimeError("launch: CUDA is already initialised in this process, so it cannot fork workers; "
-                           "restart the kernel and call launch() before anything touches the GPU")
+                           "use start_method='spawn' with a function importable from a module")
+    interactive = not getattr(sys.modules.get("__main__"), "__file__", None)  # a notebook or a REPL
+    if start_method == "spawn" and getattr(fn, "__module__", None) == "__main__" and interactive:
+        raise RuntimeError(f"launch: {getattr(fn, '__name__', fn)!r} is defined in __main__ (a notebook), which "
+                           f"spawned processes cannot import; move it into a module, or restart the kernel and "
+                           f"launch before anything touches the GPU (then fork runs it)")
     mp.start_processes(_launched, args=(fn, args, nprocs, _free_port(), backend), nprocs=nprocs,
                        start_method=start_method)
 
