@@ -85,8 +85,8 @@ def auc(scores, labels) -> float:
     """ROC AUC of ``scores`` against binary ``labels`` (all elements pooled)."""
     from sklearn.metrics import roc_auc_score
 
-    s = np.asarray(torch.as_tensor(scores).detach().float().flatten())
-    y = np.asarray(torch.as_tensor(labels).detach().flatten()) > 0
+    s = np.asarray(torch.as_tensor(scores).detach().float().flatten().cpu())
+    y = np.asarray(torch.as_tensor(labels).detach().flatten().cpu()) > 0
     if s.shape != y.shape:
         raise ValueError(f"auc: {s.size} scores but {y.size} labels")
     if y.all() or not y.any():
@@ -121,8 +121,10 @@ def choose_threshold(scores: torch.Tensor, change: torch.Tensor, levels: int = 2
     s, target = scores[has].float(), change[has] != 0
     flat = s.flatten()
     if flat.numel() > 2_000_000:  # torch.quantile sorts (and refuses over 2**24 elements): a fixed-seed sample
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]]
-    candidates = torch.quantile(flat, torch.linspace(0.5, 0.999, levels)).unique()
+        keep = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:2_000_000]
+        flat = flat[keep.to(flat.device)]
+    # the quantile levels made on the CPU (the same numbers on every device), then where the scores are
+    candidates = torch.quantile(flat, torch.linspace(0.5, 0.999, levels).to(flat.device)).unique()
     best = max(candidates.tolist(), key=lambda t: dice(s > t, target).mean().item())
     return float(best)
 
@@ -140,7 +142,7 @@ def change_metrics(signed: torch.Tensor, change: torch.Tensor, threshold: float)
     s = signed.float()
     pos_p, neg_p, pos_g, neg_g = s > threshold, s < -threshold, change > 0, change < 0
     has = (pos_g | neg_g).flatten(1).any(1)
-    nan = torch.full(has.shape, float("nan"))
+    nan = torch.full(has.shape, float("nan"), device=has.device)
     inter = (pos_p & pos_g).flatten(1).sum(1) + (neg_p & neg_g).flatten(1).sum(1)
     total = pos_p.flatten(1).sum(1) + neg_p.flatten(1).sum(1) + pos_g.flatten(1).sum(1) + neg_g.flatten(1).sum(1)
     flagged = (pos_p | neg_p).flatten(1).float().mean(1)

@@ -50,10 +50,11 @@ _VERSIONED = ["torch", "monai", "numpy", "nibabel", "pydicom", "papermill", "med
 # ``deterministic=True`` they run as they are and torch warns; everything else takes its deterministic kernel.
 # On a CPU every kernel is deterministic.
 NONDETERMINISTIC_ON_CUDA = (
-    "avg_pool3d_backward_cuda (03 WaveFormer3D's Haar low band, 06 pooling)",
-    "adaptive_avg_pool3d_backward_cuda / adaptive_max_pool2d_backward_cuda (09 and 05 heads)",
-    "grid_sampler_3d_backward_cuda (06 back-projection of the views)",
-    "upsample_trilinear3d_backward_out_cuda (06 decoder, 03 SparK decoder)",
+    "grid_sampler_2d_backward_cuda (06: the views sampled along the rays)",
+    "upsample_bilinear2d_backward_out_cuda and adaptive_avg_pool2d_backward_cuda (06's 2D resizes; 05: MONAI "
+    "MBConv's squeeze-and-excitation)",
+    "upsample_trilinear3d_backward_out_cuda and replication_pad3d_backward_cuda (03/09 WaveFormer3D, only where "
+    "a grid does not divide evenly)",
 )
 
 

@@ -342,3 +342,14 @@ def test_predict_over_the_smoke_cohort(smoke_cohort):
     assert out["pred"].shape == out["change"].shape == (n, 1, 32, 32) and len(out["pair"]) == n
     assert out["nuisance_only"].dtype == torch.bool
     assert model.training  # predict restores the mode
+
+
+def test_masked_reconstruction_loss_counts_hidden_pixels_in_float32_under_fp16():
+    # a T4 batch: 16 x 128^2 with 155,648 hidden pixels, more than float16 holds (65,504)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(16, 1, 128, 128, generator=g)
+    pred = (img + 0.1 * torch.randn(16, 1, 128, 128, generator=g)).half()
+    mask = losses.random_patch_mask(16, 128, 16, 0.6, generator=torch.Generator().manual_seed(1))
+    ref = ((pred.double() - img.double()).abs() * mask.double()).sum() / mask.double().sum()
+    assert mask.sum() > 65504
+    assert losses.masked_reconstruction_loss(pred, img, mask).item() == pytest.approx(ref.item(), rel=1e-5)

@@ -75,7 +75,7 @@ def test_deterministic_mode_uses_deterministic_kernels_and_only_warns_where_cuda
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        assert any("grid_sampler_3d" in k for k in runs.NONDETERMINISTIC_ON_CUDA)
+        assert any("grid_sampler_2d" in k for k in runs.NONDETERMINISTIC_ON_CUDA)
     finally:
         runs.seed_everything(0, deterministic=False)
     assert not torch.are_deterministic_algorithms_enabled()

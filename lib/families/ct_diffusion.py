@@ -235,7 +235,7 @@ def train_vae(cfg: Mapping[str, Any], vae: FrameVAE, denoiser: SeriesDenoiser, d
 
 
 def encode_latents(cfg: Mapping[str, Any], vae: FrameVAE, data: Mapping, device: torch.device) -> dict:
-    """Scaled latents (posterior means) of every training and validation series, ``{split: {baseline,
+    """Scaled latents (posterior means, on the CPU) of every training and validation series, ``{split: {baseline,
     target}}``; unless the VAE has a scale factor, it becomes 1 / std of the training latents first."""
     vae.to(device)  # where the data goes (a no-op when it is there already)
     computed = not vae.has_scale_factor
@@ -245,7 +245,8 @@ def encode_latents(cfg: Mapping[str, Any], vae: FrameVAE, data: Mapping, device:
                     for s in ("train", "val")}
     if computed:
         vae.fit_scale_factor(list(unscaled["train"].values()))
-    latents = {s: {k: z * vae.scale_factor for k, z in d.items()} for s, d in unscaled.items()}
+    # on the CPU: the loaders pin them (pinning a CUDA tensor fails) and fit moves each batch to the device
+    latents = {s: {k: (z * vae.scale_factor).cpu() for k, z in d.items()} for s, d in unscaled.items()}
     std = float(torch.cat([z.flatten() for z in latents["train"].values()]).std())
     print(f"scale factor {float(vae.scale_factor):.4f} ({'computed' if computed else 'given'}); "
           f"training latents {tuple(latents['train']['target'].shape)}, std {std:.4f}")
@@ -431,7 +432,7 @@ def closing_note(run_dir: str | os.PathLike, threshold_hu: float) -> str:
 
 def to_hu(x: torch.Tensor) -> np.ndarray:
     """A series on the [-1, 1] diffusion window back in HU (numpy)."""
-    return WINDOWS["diffusion"][0] + x.numpy() * WINDOWS["diffusion"][1] / 2
+    return WINDOWS["diffusion"][0] + x.detach().cpu().numpy() * WINDOWS["diffusion"][1] / 2
 
 
 def export_nifti(run, dataset: SeriesPairs, items: Sequence[Mapping], series: Mapping[str, torch.Tensor],

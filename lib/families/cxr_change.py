@@ -72,9 +72,9 @@ def augment_pairs(baseline: torch.Tensor, followup: torch.Tensor, change: torch.
     """Per pair, at random: swap baseline and follow-up (the change map changes sign) and mirror left-right
     (all three together). Both keep the pair physically consistent; tensors ``[B, C, S, S]``. With
     ``findings`` (each image's multi-hot ``[B, K]``), they are swapped with their images and returned fourth."""
-    n = baseline.shape[0]
-    swap = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(baseline.device).view(n, 1, 1, 1)
+    n, where = baseline.shape[0], generator.device if generator is not None else "cpu"  # draw where it lives
+    swap = (torch.rand(n, generator=generator, device=where) < 0.5).to(baseline.device).view(n, 1, 1, 1)
+    flip = (torch.rand(n, generator=generator, device=where) < 0.5).to(baseline.device).view(n, 1, 1, 1)
     b, f = torch.where(swap, followup, baseline), torch.where(swap, baseline, followup)
     c = torch.where(swap, -change, change)
     b, f, c = (torch.where(flip, x.flip(-1), x) for x in (b, f, c))

@@ -48,14 +48,17 @@ def random_patch_mask(batch: int, image_size: int, patch: int, ratio: float, *, 
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
     g = image_size // patch
     n, k = g * g, round(ratio * g * g)
-    order = torch.rand(batch, n, generator=generator).argsort(dim=1)
-    hidden = torch.zeros(batch, n)
+    # drawn where the generator lives (torch's global one: the CPU), then moved to ``device``
+    order = torch.rand(batch, n, generator=generator,
+                       device=generator.device if generator is not None else "cpu").argsort(dim=1)
+    hidden = torch.zeros(batch, n, device=order.device)
     hidden.scatter_(1, order[:, :k], 1.0)
     hidden = hidden.reshape(batch, 1, g, g)
     return hidden.repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(device)
 
 
 def masked_reconstruction_loss(pred: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error over the hidden pixels only (SimMIM's L1)."""
-    m = mask.to(pred.dtype).expand_as(pred)
+    """Mean absolute error over the hidden pixels only (SimMIM's L1), in float32: the count of hidden pixels
+    overflows float16 (65504) and is rounded in bfloat16."""
+    m = mask.float().expand_as(pred)
     return ((pred.float() - image.float()).abs() * m).sum() / m.sum().clamp_min(1)
