@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lab bench install clean-venv
+.PHONY: demo test test-fast lab bench gpu-wheels gpu-check install clean-venv
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else "Python 3.11 is needed; found " + sys.version.split()[0] + " at $(PYTHON) (set PYTHON=/path/to/python3.11)")'
@@ -40,6 +40,18 @@ test-fast: $(STAMP)
 # Some sections or the extras only: make bench BENCH_ARGS="--only steps attention" (python -m lib.bench --help).
 bench: $(STAMP)
 	$(BIN)/python -m lib.bench $(BENCH_ARGS)
+
+# The GPU check (lib/gpu_check): here, with PyPI, `make gpu-wheels` fills build/gpu-wheels/ for the GPU box's Python;
+# on the GPU box (PyTorch only, no network; build/gpu-wheels copied along) `make gpu-check` installs from it offline,
+# runs the training notebooks, DDP, the steps beside MONAI and the Kaggle bundle within 8 minutes, and writes
+# results/benchmarks/gpu-<timestamp>.json. It needs no .venv: GPU_PYTHON is the interpreter that has torch.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PYTHON ?= python3
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m lib.gpu_check wheels --python-version $(GPU_PYTHON_VERSION) $(GPU_WHEELS_ARGS)
+
+gpu-check:
+	$(GPU_PYTHON) -m lib.gpu_check run $(GPU_CHECK_ARGS)
 
 # JupyterLab on this repository, localhost only, opened on the notebooks folder (the token is printed).
 lab: $(STAMP)
