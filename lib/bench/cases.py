@@ -22,8 +22,9 @@ SeriesDenoiser + diffusion_loss   ``DiffusionModelUNet`` (2D)     every frame of
                                                                   groups, conditioning by concatenation; the
                                                                   same diffusion_loss (no temporal attention)
 LongitudinalMIMModelBig +         ``EfficientNetBN`` b0 (2D,      the 2B radiographs of B pairs (the change
-change_loss (05)                  ``pretrained=False``: nothing   model encodes baseline and follow-up in one
-                                  is downloaded)                  pass), image_size; 14-label BCE
+change_loss (05; at smoke and     ``pretrained=False``: nothing   model encodes baseline and follow-up in one
+prod with the discriminator and   is downloaded)                  pass), image_size; 14-label BCE
+classification head: aux_step)
 HybridCNNViTUNet3D +              ``SwinUNETR`` (3D)              the output volume: V input channels (the
 MedicalGradeLoss (06,                                             views), volume_size rounded up to a multiple
 perceptual term off)                                              of 32 (SwinUNETR's constraint), feature_size
@@ -38,6 +39,7 @@ calls an API of theirs beyond a forward pass (the builders, the losses, 04's sam
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -51,6 +53,8 @@ from lib import config
 from lib.families import FAMILIES
 
 # --- every import of model and loss code by lib.bench (used here and by lib.bench.pretrain / .families)
+from lib.data.paired import FINDINGS
+from lib.families import cxr_change_aux
 from lib.losses import medical
 from lib.losses.contrastive import SpatialInfoNCE, sample_locations, spatial_info_nce_reference  # noqa: F401
 from lib.families import ct_diffusion_sampling as sampling
@@ -194,17 +198,30 @@ def sample(ldm: nn.Module, cond: torch.Tensor, steps: int, cfg) -> torch.Tensor:
 # --------------------------------------------------------------------------- 05_cxr_change
 
 def _change(cfg, batch=None) -> Case:
+    """The change model, with the discriminator and classification head the preset trains beside it (prod:
+    ``adv_weight``, ``classify_weight``; the classifier runs the shared encoder once more)."""
     b = batch or cfg.batch_size
+    cfg = config.Config(cfg, grad_checkpointing=False)  # as _pretrainer: section 7 estimates its effect (blocks)
     g = _gen()
     images = [torch.rand(b, 1, cfg.image_size, cfg.image_size, generator=g) for _ in range(2)]
     change = torch.randn(b, 1, cfg.image_size, cfg.image_size, generator=g)
     change = change * (change.abs() > 1.5)  # about 13 % of the pixels changed, both signs
+    findings = [(torch.rand(b, len(FINDINGS), generator=g) < 0.2).float() for _ in range(2)]
+    model = build_change_model(cfg)
+    net = cxr_change_aux.wrap(cfg, model)
+    step = functools.partial(cxr_change_aux.aux_step, augment=False, dice_weight=cfg.dice_weight,
+                             adv_weight=cfg.adv_weight, classify_weight=cfg.classify_weight)
+
+    def loss(m, t):
+        if m is model:
+            return change_loss(m(t[0], t[1]), t[2], cfg.dice_weight)[0]
+        return step(m, dict(zip(("baseline", "followup", "change", "findings_baseline", "findings_followup"), t)))[0]
+
     def blocks(m):
+        m = getattr(m, "change", m)
         return [m.encoder.features.stem, *m.encoder.features.levels, *m.encoder.bottleneck.transformer.blocks, *m.decoder]
 
-    return Case(build_change_model(cfg), (*images, change),
-                lambda m, t: change_loss(m(t[0], t[1]), t[2], cfg.dice_weight)[0], b, "pair",
-                f"2x{b}x1x{cfg.image_size}^2", blocks)
+    return Case(net, (*images, change, *findings), loss, b, "pair", f"2x{b}x1x{cfg.image_size}^2", blocks)
 
 
 def _efficientnet(cfg, batch=None) -> Case:
@@ -222,6 +239,8 @@ def _efficientnet(cfg, batch=None) -> Case:
 
 def _xray2ct(cfg, batch=None) -> Case:
     b, s, d = batch or cfg.batch_size, cfg.image_size, cfg.volume_size
+    # Without activation checkpointing (demo and subset train without it; section 7 estimates its effect).
+    cfg = config.Config(cfg, grad_checkpointing=False)
     g = _gen()
     views, ct = torch.rand(b, cfg.views, 1, s, s, generator=g), torch.rand(b, 1, d, d, d, generator=g)
     prior = torch.rand(d, d, d, generator=g) if cfg.residual_prior else None
@@ -233,7 +252,7 @@ def _xray2ct(cfg, batch=None) -> Case:
         return loss_fn(volume, t[1], deep)[0]
 
     return Case(build_xray_to_ct(cfg, prior=prior), (views, ct), loss, b, "patient", f"{b}x{cfg.views}x1x{s}^2 -> {d}^3",
-                lambda m: [*m.pyramid.stages, *m.encoders, m.bottleneck, *m.decoders])
+                lambda m: [m.pyramid, m.fusion, *m.encoders, m.bottleneck, *m.decoders])  # what grad_checkpointing recomputes
 
 
 def _swin_unetr(cfg, batch=None) -> Case:
@@ -258,7 +277,9 @@ class Benchmarked:
     build: Callable[..., Case]
     peer: str | None
     trained: bool = True                 # its notebook trains it: the targets judge its step, section 7 sizes it
-    batch_setting: str = "batch_size"    # the preset value that sets its batch
+    batch_setting: str = "batch_size"    # the preset value that sets its (micro-)batch
+    accum_setting: str = "grad_accum"    # the preset value that sets its stage's accumulation (section 7)
+    ema: bool = True                     # its stage keeps an EMA when the preset's ema_decay is set (section 7)
 
 
 PEERS: dict[str, Callable[..., Case]] = {
@@ -270,7 +291,9 @@ PEERS: dict[str, Callable[..., Case]] = {
 FAMILY_CASES: dict[str, tuple[Benchmarked, ...]] = {
     "ssl_pretraining": (Benchmarked("WaveFormer3D encoder", _waveformer, "MONAI ViT", trained=False),
                         Benchmarked("WaveFormer pretrainer", _pretrainer, "MONAI ViT")),
-    "ct_diffusion": (Benchmarked("FrameVAE", _vae, "MONAI AutoencoderKL", batch_setting="vae_batch_size"),
+    # 04's VAE stage has its own batch and accumulation, and no EMA (grad_accum and ema_decay are the denoiser's)
+    "ct_diffusion": (Benchmarked("FrameVAE", _vae, "MONAI AutoencoderKL", batch_setting="vae_batch_size",
+                                 accum_setting="vae_grad_accum", ema=False),
                      Benchmarked("SeriesDenoiser", _denoiser, "MONAI DiffusionModelUNet")),
     "cxr_change": (Benchmarked("LongitudinalMIMModelBig", _change, "MONAI EfficientNetBN b0"),),
     "xray_to_ct": (Benchmarked("HybridCNNViTUNet3D", _xray2ct, "MONAI SwinUNETR"),),

@@ -2,10 +2,10 @@
 diffusion sampling and VAE throughput, and the largest batch at prod on a 16 GB GPU. The cases (which
 networks, which peers, how their sizes match) are :mod:`lib.bench.cases`.
 
-Section 7 (memory at prod) records, during one forward pass under autocast at batch 1 and at batch 2,
-every tensor that autograd saves for the backward pass (``torch.autograd.graph.saved_tensors_hooks``;
-each storage once, parameters excluded), and which checkpointable block (see ``Case.blocks``) saved
-it; see :func:`memory_estimate` for the arithmetic and its assumptions.
+Section 7 (memory at prod) is :mod:`lib.bench.memory` (:func:`memory_estimate`, re-exported here): the
+bytes autograd saves in one forward at micro-batch 1 and 2 under CUDA autocast's cast policy (emulated on
+this CPU), the optimizer state, EMA and autocast weight cache, against a T4's 15 GiB, per network beside
+its prod preset's micro-batch x grad_accum.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import torch
 
 from lib import config
 from lib import device as _device
-from lib.bench.cases import (BENCHMARKED, CASES, PAIRS, TRAINING_STEPS, build_case, build_vae, latent_diffusion, sample,
+from lib.bench.cases import (CASES, PAIRS, TRAINING_STEPS, build_case, build_vae, latent_diffusion, sample,
                              translate)
 from lib.bench.measure import isolated, measure, train_step
+from lib.bench.memory import memory_estimate  # noqa: F401  (section 7, registered under this module)
+from lib.bench.memory import targets as _targets_memory
 
 # --------------------------------------------------------------------------- section 2: training steps
 
@@ -127,90 +129,7 @@ def _vae_throughput(preset: str, quick: bool, dev: torch.device) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- section 7: memory at prod
-
-def saved_activations(name: str, preset: str, batch: int) -> dict:
-    """Bytes autograd saves for the backward pass in one forward (+ loss) under autocast, and per block."""
-    case = build_case(name, preset, batch=batch)
-    model = case.model.train()
-    blocks = case.blocks(model)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, torch.UntypedStorage] = {}  # alive until the end, as in the autograd graph
-    inside, inputs, stack = [0] * len(blocks), [0] * len(blocks), []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.data_ptr() not in kept:
-            kept[s.data_ptr()] = s
-            if stack:
-                inside[stack[-1]] += s.nbytes()
-        return t
-
-    def enter(i):
-        def hook(module, args, kwargs):
-            inputs[i] += sum(a.numel() * a.element_size() for a in (*args, *kwargs.values()) if torch.is_tensor(a))
-            stack.append(i)
-        return hook
-
-    handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    def leave(*_) -> None:
-        stack.pop()
-
-    handles += [b.register_forward_hook(leave) for b in blocks]
-    dev = torch.device("cpu")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _device.autocast(dev):
-        case.loss(model, case.batch)
-    for h in handles:
-        h.remove()
-    total = sum(s.nbytes() for s in kept.values())
-    return {"total": total, "checkpointed": total - sum(inside) + sum(inputs) + max(inside, default=0),
-            "params": sum(p.numel() for p in model.parameters()), "unit": case.unit}
-
-
-GPU_BYTES = 15360 * 2 ** 20       # what a T4 ("16 GB") reports as usable
-RESERVED_BYTES = 1024 * 2 ** 20   # CUDA context, cuDNN/cuBLAS workspaces
-HEADROOM = 0.9                    # allocator fragmentation and backward-pass temporaries
-STATE_BYTES_PER_PARAM = 16        # fp32 weights, fp32 gradients, AdamW's two fp32 moments
-
-
-def memory_estimate(quick: bool, ceilings: dict | None = None, out=None) -> list[dict]:
-    """Largest micro-batch of every family at prod on a 16 GB GPU (Kaggle's T4), an estimate.
-
-    Measured on this CPU (in a child per case): the bytes autograd saves in one forward under autocast
-    at batch 1 and 2 (:func:`saved_activations`; bf16 here, fp16 on a T4: the same sizes). Their
-    difference is the activation memory per sample, the rest (half-precision weight copies, buffers) a
-    fixed part. With activation checkpointing per block (``Case.blocks``: WaveFormer blocks, VAE
-    encoder/decoder blocks, denoiser res/attention blocks, encoder levels, transformer and decoder
-    blocks, U-Net levels), a block keeps only its inputs, and the block being recomputed holds its own
-    activations once: saved = total - sum(inside blocks) + sum(block inputs) + max(inside a block).
-    Largest batch = (usable - parameter state - fixed part) / per sample, with usable =
-    ``HEADROOM`` x (15,360 MiB - 1 GiB for the CUDA context) and 16 bytes of state per parameter.
-    Not counted: the peak of the backward pass above the saved tensors (gradient buffers of the
-    largest layer), which the headroom stands for.
-    """
-    preset = "smoke" if quick else "prod"
-    usable = HEADROOM * (GPU_BYTES - RESERVED_BYTES)
-    rows = []
-    for name in TRAINING_STEPS:
-        one, _ = isolated(saved_activations, name, preset, 1)
-        two, _ = isolated(saved_activations, name, preset, 2)
-        state = STATE_BYTES_PER_PARAM * one["params"]
-        row = {"name": name, "preset": preset, "unit": one["unit"], "params_m": one["params"] / 1e6,
-               "state_gb": state / 1e9}
-        for key, label in (("total", "autocast"), ("checkpointed", "checkpointing")):
-            per_sample = max(two[key] - one[key], 1)
-            fixed = one[key] - per_sample
-            row[f"act_gb_per_sample_{label}"] = per_sample / 1e9
-            row[f"fixed_gb_{label}"] = fixed / 1e9
-            row[f"max_batch_{label}"] = max(0, int((usable - state - fixed) // per_sample))
-        row["preset_batch"] = config.resolve(CASES[name][0], preset)[BENCHMARKED[name].batch_setting]
-        rows.append(row)
-    return rows
-
-
-def _targets_memory(rows: list[dict]) -> list[str]:
-    return [f"estimate: {r['name']} at {r['preset']} on a 16 GB T4: a micro-batch of at most {r['max_batch_autocast']} "
-            f"with autocast, {r['max_batch_checkpointing']} with activation checkpointing too (unit: {r['unit']}; "
-            f"the preset uses {r['preset_batch']})" for r in rows]
+# (lib.bench.memory; named here, where lib.bench.report.SECTIONS registers the section)
 
 
 def targets(rows: list[dict]) -> list[str]:

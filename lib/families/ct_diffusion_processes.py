@@ -33,7 +33,7 @@ def fit_vae(cfg: Mapping[str, Any], vae: torch.nn.Module, data: Mapping, out_dir
     train, val = cd.vae_loaders(cfg, data)
     train_step, val_step = cd.vae_steps(cfg)
     # the preset's grad_accum and ema_decay are the denoiser's
-    settings = TrainSettings.from_config(cfg, epochs=cfg["vae_epochs"], grad_accum=1, ema_decay=None,
+    settings = TrainSettings.from_config(cfg, epochs=cfg["vae_epochs"], grad_accum=cfg["vae_grad_accum"], ema_decay=None,
                                          time_budget_s=time_budget_s)
     optimizer = adamw(vae.parameter_groups(cfg["vae_lr"]), weight_decay=cfg["weight_decay"])
     return fit(vae, train_step, train, optimizer, out_dir=out_dir, config=cfg, settings=settings, val_loader=val,

@@ -35,7 +35,7 @@ Architecture of :class:`LongitudinalMIMModelBig` (defaults: the note's 512² inp
 Also here: :class:`LongitudinalMIMModel` (the same encoder and fusion, a decoder without skips),
 :class:`MaskedReconstructionModel` (masked image modelling that pre-trains the shared encoder, SimMIM
 style), and the research's auxiliary :class:`ClassificationModel` (14 labels) and :class:`Discriminator`
-(PatchGAN, MONAI).
+(PatchGAN, MONAI). ``grad_checkpointing``: stem, MBConv levels, transformer and decoder blocks recomputed in backward.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from lib.models.attention import route_short_sequences
 
@@ -76,6 +77,7 @@ class ChangeModelConfig:
     inter_channels: int = 704
     norm_groups: int = 32
     decoder_channels: tuple[int, ...] = (320, 160, 80, 40)  # one per x2 upsampling (change models only)
+    grad_checkpointing: bool = False                        # recompute blocks in the backward pass
 
     def __post_init__(self):
         for name in ("channels", "blocks", "decoder_channels"):  # hashable, and equal to a preset's tuple
@@ -108,6 +110,13 @@ def init_weights(module: nn.Module) -> None:
         if module.weight is not None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+def _run(block: nn.Module, *args, checkpointed: bool = False):
+    """``block(*args)``; recomputed in the backward pass when ``checkpointed`` and training."""
+    if checkpointed and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def _check_images(name: str, x: torch.Tensor, in_channels: int, image_size: int) -> None:
@@ -159,12 +168,12 @@ class EfficientNetMiniEncoder(nn.Module):
                                          0.25, True, norm, drop_connect_rate=None))
                 size = size // 2 if i == 0 else size
             self.levels.append(nn.Sequential(*stage))
-        self.channels = channels
+        self.channels, self.grad_checkpointing = channels, False
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = [self.stem(x)]
+        feats = [_run(self.stem, x, checkpointed=self.grad_checkpointing)]
         for level in self.levels:
-            feats.append(level(feats[-1]))
+            feats.append(_run(level, feats[-1], checkpointed=self.grad_checkpointing))
         return feats
 
 
@@ -195,10 +204,14 @@ class TransformerBranch(nn.Module):
             block.norm_cross_attn = nn.Identity()  # be an unused parameter (DDP refuses those)
         self.norm = nn.LayerNorm(hidden_size)
         self.unpatch = nn.ConvTranspose2d(hidden_size, channels, patch_size, stride=patch_size)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route_short_sequences([block.attn for block in self.blocks], x, self.grid ** 2)
-        tokens = self.norm(self.blocks(self.embed(x)))                      # [B, N, hidden]
+        tokens = self.embed(x)
+        for block in self.blocks:
+            tokens = _run(block, tokens, checkpointed=self.grad_checkpointing)
+        tokens = self.norm(tokens)                                          # [B, N, hidden]
         grid = tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
         return self.unpatch(grid)
 
@@ -253,6 +266,7 @@ class BottleneckEncoder(nn.Module):
         self.bottleneck = BottleneckBlock(channels[-1], self.feature_size, c.inter_channels, c.norm_groups,
                                           hidden_size=c.hidden_size, patch_size=c.patch_size,
                                           layers=c.transformer_layers, num_heads=c.num_heads, mlp_dim=c.mlp_dim)
+        self.features.grad_checkpointing = self.bottleneck.transformer.grad_checkpointing = c.grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         _check_images("image", x, self.in_channels, self.image_size)
@@ -341,7 +355,8 @@ class LongitudinalMIMModelBig(nn.Module):
         feats = self.encoder(torch.cat([baseline, followup]))  # one pass through the shared weights
         x = self.fusion(feats[-1][:n], feats[-1][n:])
         for block, f in zip(self.decoder, reversed(feats[:-1])):
-            x = block(x, torch.cat([f[:n], f[n:]], dim=1) if self.skips else None)
+            x = _run(block, x, torch.cat([f[:n], f[n:]], dim=1) if self.skips else None,
+                     checkpointed=self.config.grad_checkpointing)
         return torch.tanh(self.head(x))
 
 

@@ -29,6 +29,11 @@ Output parameterisation: with a ``prior`` volume (e.g. the mean training CT) the
 residual on top of it, with zero-initialised output heads, so an untrained model returns the prior
 exactly; without one it predicts the volume directly. The prior is a buffer (saved with the weights).
 
+``grad_checkpointing=True`` recomputes, in the backward pass, the 2D pyramid, the view fusion and every
+U-Net block (activation memory of their inputs and of one block instead of all) when training: at the
+prod volume of 128^3 one patient's activations otherwise take about 14 GB under fp16 autocast
+(:mod:`lib.bench.memory`).
+
 The network only: building it from a 06_xray_to_ct configuration, the angles of N views and the inference
 loop are in :mod:`lib.families.xray_to_ct`.
 """
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.nets.attentionunet import AttentionBlock
 from monai.networks.nets.swin_unetr import BasicLayer
+from torch.utils.checkpoint import checkpoint
 
 
 def _groups(channels: int) -> int:
@@ -270,14 +276,17 @@ class HybridCNNViTUNet3D(nn.Module):
         volume_extent: the volume's half-extent along R, A, S in image half-widths (the geometry above).
         prior: ``[D, D, D]`` or ``[1, D, D, D]`` volume the network adds its output to (a residual
             parameterisation; e.g. the mean training volume); None: the network predicts the volume.
+        grad_checkpointing: recompute the pyramid, the fusion and the U-Net blocks in the backward pass
+            (less activation memory, about a third more compute).
     """
 
     def __init__(self, angles: Sequence[float] = (0.0, 90.0), image_size: int = 512, volume_size: int = 64,
                  base_channels: int = 32, attention_channels: int = 512, attention_heads: int = 8,
                  cross_view_layers: int = 1, swin_heads: int = 8, window_size: int = 4, growth: int | None = None,
                  dense_layers: int = 4, volume_extent: Sequence[float] = (1.0, 1.0, 1.0),
-                 prior: torch.Tensor | None = None):
+                 prior: torch.Tensor | None = None, grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         angles = tuple(float(a) for a in angles)
         if not angles or not all(math.isfinite(a) for a in angles):
             raise ValueError(f"angles must be one or more finite angles in degrees, got {angles!r}")
@@ -357,7 +366,7 @@ class HybridCNNViTUNet3D(nn.Module):
             raise ValueError(f"views must be [B, {v}, 1, {s}, {s}] ({v} view(s) at angles {self.angles}, image_size "
                              f"{s}), got {tuple(views.shape)}")
         b = views.shape[0]
-        feats = self.pyramid(views.reshape(b * v, 1, s, s))
+        feats = self._run(self.pyramid, views.reshape(b * v, 1, s, s), size=s)
         tokens = self.to_tokens(feats[-1])
         ca, h, w = tokens.shape[1:]
         t = tokens.flatten(2).transpose(1, 2).reshape(b, v, h * w, ca)
@@ -373,18 +382,24 @@ class HybridCNNViTUNet3D(nn.Module):
         plane = self.plane(plane)                                     # [B*V, c, D, D]
         volumes = backproject(plane.reshape(b, v, -1, d, d), self.grid)  # [B, V, c, D, D, D]
         extra = torch.cat([self.coords, self.prior], dim=1).to(volumes.dtype).expand(b, -1, -1, -1, -1)
-        x = self.fusion(torch.cat([volumes.flatten(1, 2), extra], dim=1))
+        x = self._run(self.fusion, torch.cat([volumes.flatten(1, 2), extra], dim=1), size=d)
         skips = []
         for enc in self.encoders:
-            x = _guarded(enc, x, size=x.shape[-1] // 2 if enc.down else x.shape[-1])
+            x = self._run(enc, x, size=x.shape[-1] // 2 if enc.down else x.shape[-1])
             skips.append(x)
-        x = _guarded(self.bottleneck, x, size=x.shape[-1] // 2)
+        x = self._run(self.bottleneck, x, size=x.shape[-1] // 2)
         outs = []
         for dec, head, skip in zip(self.decoders, self.heads, reversed(skips)):
-            x = _guarded(dec, x, skip, size=skip.shape[-1])
+            x = self._run(dec, x, skip, size=skip.shape[-1])
             prior = self.prior if x.shape[-1] == d else F.adaptive_avg_pool3d(self.prior, x.shape[-3:])
             outs.append(prior + head(x).float())
         return outs[-1], outs[:-1]
+
+    def _run(self, block: nn.Module, *inputs: torch.Tensor, size: int):
+        """:func:`_guarded`, recomputed in the backward pass with ``grad_checkpointing`` when training."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(_guarded, block, *inputs, size=size, use_reentrant=False)
+        return _guarded(block, *inputs, size=size)
 
 
 def _guarded(block: nn.Module, *inputs: torch.Tensor, size: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ NB_04 = _spec(
         "norm_groups": Param(32, int, "GroupNorm groups of the VAE and the denoiser"),
         "vae_epochs": Param(10, int, "stage 1: passes over every training frame (non-contrast and contrast); 0 with vae_checkpoint: use it as is"),
         "vae_batch_size": Param(16, int, "frames per VAE micro-batch"),
+        "vae_grad_accum": Param(1, int, "VAE micro-batches per optimizer step (grad_accum is the denoiser's)"),
         "vae_lr": Param(1e-4, float, "peak learning rate of the VAE (AdamW, warm-up cosine)"),
         "vae_crop": Param(0, int, "train the VAE on random crops of this size (it is convolutional); 0: whole frames"),
         "kl_weight": Param(1e-6, float, "weight of the KL term (per-frame sum over the latent; MAISI 1e-7)"),
@@ -64,7 +65,11 @@ NB_04 = _spec(
           "num_head_channels": 16, "window_stride": 2, "epochs": 5, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.1},
     subset={"frame_size": 128, "frames": 8, "vae_channels": (32, 64, 128, 128), "vae_epochs": 20, "vae_lr": 5e-4,
             "model_channels": 64, "epochs": 50, "batch_size": 8, "lr": 2e-4, "ema_decay": 0.999, "num_workers": 2},
-    prod={"real_data": "coltea_lung_ct_100w", "target_phase": "arterial", "series_frames": 64, "vae_epochs": 50, "kl_weight": 1e-7, "adv_weight": 0.1, "epochs": 50, "batch_size": 2, "grad_accum": 16,
+    # micro-batches x accumulation: what fits a 16 GB T4 with room (lib.bench.memory, lib/bench/t4_memory.json):
+    # the VAE's 16 frames a step as 8 x 2 (16 at once is its limit there), the denoiser's 32 windows as 8 x 4
+    prod={"real_data": "coltea_lung_ct_100w", "target_phase": "arterial", "series_frames": 64, "vae_epochs": 50,
+          "vae_batch_size": 8, "vae_grad_accum": 2,
+          "kl_weight": 1e-7, "adv_weight": 0.1, "epochs": 50, "batch_size": 8, "grad_accum": 4,
           "lr": 1e-4, "warmup_epochs": 1.0, "ema_decay": 0.9999, "num_workers": 4, "time_budget_s": 41400.0},
 )
 

@@ -23,6 +23,8 @@ NB_05 = _spec(
         "patch_size": Param(2, int, "transformer patch size on the deepest feature map (note: 32x32 / 2 = 256 patches)"),
         "inter_channels": Param(704, int, "width of the bottleneck's conv branch (note: intermediate 704)"),
         "norm_groups": Param(32, int, "GroupNorm groups (note: 32; a layer uses its gcd with the width)"),
+        "grad_checkpointing": Param(False, bool, "recompute the encoder's stem, MBConv levels and transformer blocks and the "
+                                    "decoder blocks in the backward pass (less activation memory, about 1/3 more compute)"),
         "decoder_channels": Param((320, 160, 80, 40), tuple, "U-Net decoder widths, one per x2 upsampling"),
         "adv_weight": Param(0.0, float, "weight of the PatchGAN Discriminator's adversarial term on the change map; 0: off"),
         "classify_weight": Param(0.0, float, "weight of the ClassificationModel head naming each image's inserted findings "
@@ -52,9 +54,10 @@ NB_05 = _spec(
             "transformer_layers": 6, "num_heads": 6, "mlp_dim": 1536, "inter_channels": 352,
             "decoder_channels": (160, 80, 40, 20), "epochs": 60, "batch_size": 8, "lr": 3e-4,
             "warmup_epochs": 2.0, "mim_epochs": 20, "mim_patch": 16, "num_workers": 2},
+    # micro-batch x grad_accum and checkpointing: what fits a 16 GB T4 (lib.bench.memory, lib/bench/t4_memory.json)
     prod={"real_data": "ct_to_cxr_pairs", "external": "auto", "adv_weight": 0.05, "classify_weight": 0.1,
-          "aux_ablation": True, "epochs": 100, "batch_size": 4, "grad_accum": 4, "lr": 1e-4, "warmup_epochs": 2.0, "ema_decay": 0.999,
-          "mim_epochs": 50, "num_workers": 4},
+          "aux_ablation": True, "epochs": 100, "batch_size": 4, "grad_accum": 4, "grad_checkpointing": True, "lr": 1e-4,
+          "warmup_epochs": 2.0, "ema_decay": 0.999, "mim_epochs": 50, "num_workers": 4},
 )
 
 NOTEBOOKS = {"05_cxr_change": NB_05}

@@ -20,6 +20,8 @@ NB_06 = _spec(
         "cross_view_layers": Param(1, int, "cross-view transformer layers at 1/8 of the image (note: 1)"),
         "window_size": Param(4, int, "3D Swin window (note: 4)"),
         "dense_layers": Param(4, int, "layers per residual dense block (note: 4)"),
+        "grad_checkpointing": Param(False, bool, "recompute the 2D pyramid, the view fusion and the U-Net blocks in the "
+                                    "backward pass (less activation memory, about 1/3 more compute)"),
         "residual_prior": Param(True, bool, "predict a residual on top of the mean training volume (the baseline); "
                                 "False: predict the volume itself"),
         "loss_l1": Param(1.0, float, "MedicalGradeLoss weight of L1 (note: 1.0)"),
@@ -39,8 +41,9 @@ NB_06 = _spec(
           "lr": 1e-3, "warmup_epochs": 1.0},
     subset={"image_size": 256, "base_channels": 16, "attention_channels": 256, "epochs": 30, "lr": 2e-4,
             "ckpt_every": 5, "num_workers": 2},
+    # micro-batch x grad_accum and checkpointing: what fits a 16 GB T4 (lib.bench.memory, lib/bench/t4_memory.json)
     prod={"real_data": "lidc_idri", "volume_size": 128, "hu_min": -1024.0, "hu_max": 1476.0, "epochs": 60,
-          "ckpt_every": 5, "num_workers": 4},
+          "batch_size": 1, "grad_accum": 2, "grad_checkpointing": True, "ckpt_every": 5, "num_workers": 4},
 )
 
 NOTEBOOKS = {"06_xray_to_ct": NB_06}
