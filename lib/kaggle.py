@@ -96,6 +96,8 @@ class Bundle:
         self.notebook = resolve_notebook(self.notebook)
         if self.submission is not None:
             self.params = _submission_params(self.submission, self.params)
+        elif self.gpu == "t4x2" and "gpus" not in self.params and _trains(self.notebook.stem):
+            self.params = {**self.params, "gpus": 0}  # both T4s, a process each (lib.multigpu); -p gpus 1: one
         try:
             config.resolve(self.notebook.stem, self.preset, **self.params)  # unknown preset/parameter/type -> ValueError
         except ValueError as e:
@@ -157,6 +159,14 @@ class Bundle:
             "competition_sources": [self.competition] if self.competition else [],
             "kernel_sources": list(self.kernels), "model_sources": [], "keywords": [],
         }
+
+
+def _trains(notebook: str) -> bool:
+    """Whether ``notebook`` has the ``gpus`` parameter of the training notebooks."""
+    try:
+        return "gpus" in config.resolve(notebook, "smoke")
+    except ValueError:
+        return False
 
 
 def _submission_params(dataset: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,9 @@ def test_bundle_layout_and_metadata(bundle_dir):
     assert tags.index(["kaggle-bootstrap"]) < tags.index(["parameters"])
     injected = nb.cells[tags.index(["injected-parameters"])].source
     assert 'preset = "smoke"' in injected
+    assert "gpus = 0" in injected  # a T4 x2 kernel trains on both GPUs (lib.multigpu)
+    assert "gpus" not in kaggle.Bundle("07_evaluate", "smoke", "tester", gpu="t4x2").params  # it trains nothing
+    assert kaggle.Bundle("03_pretrain", "smoke", "tester", gpu="t4x2", params={"gpus": 1}).params["gpus"] == 1
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
 
