@@ -20,9 +20,11 @@ EXPECTED = {  # section -> keys every row of it has
              "cache_vs_step"},
     "diffusion": {"name", "preset", "frames"},
     "memory": {"name", "params_m", "state_gb", "act_gb_per_sample_autocast", "act_gb_per_sample_checkpointing",
-               "max_batch_autocast", "max_batch_checkpointing", "preset_batch"},
+               "max_batch_autocast", "max_batch_checkpointing", "preset_batch", "grad_accum", "gb_at_preset",
+               "max_batch", "fits"},
     "convert": {"name", "workers", "series", "files"},
     "submission": {"name", "series", "preset", "seconds"},
+    "profile": {"name", "preset", "dtype", "category", "ours_ms", "peer_ms", "ours_vs_peer_ms"},
 }
 
 
@@ -173,3 +175,22 @@ def test_peak_tensor_mb_counts_what_the_call_allocates_at_its_peak():
     # plus a few scalars
     assert 0.5 <= bench.peak_tensor_mb(lambda: torch.tanh(x).sum().backward()) < 0.75
     assert held.numel() == 50 * mb
+
+
+def test_profile_categories_and_one_pair_at_smoke():
+    from lib.bench.profile import CATEGORIES, category, profile_pair
+
+    assert category("aten::addmm") == category("aten.convolution_backward.default") == "matmul/conv"
+    assert category("aten::native_layer_norm_backward") == "norms" and category("aten::_softmax") == "attention"
+    assert category("aten::copy_") == "layout (wavelet, reshapes, copies)" and category("aten::gather") == "masking/indexing"
+    assert category("aten::mse_loss") == "loss" and category("aten::gelu") == "elementwise"
+    assert category("autograd::engine::evaluate_function: MmBackward0") == "autograd/other"
+    rows = profile_pair("WaveFormer pretrainer", "smoke", False, 1, 1, 100.0)
+    step, cats = rows[0], rows[1:]
+    assert step["category"].startswith("step") and step["ours_ms"] > 0 and step["peer_ms"] > 0
+    assert step["ours_gflop"] > 0 and step["ours_fraction"] > 0 and isinstance(step["faster_per_sample"], bool)
+    assert [r["category"] for r in cats] == list(CATEGORIES)
+    for who in ("ours", "peer"):
+        assert math.isclose(sum(r[f"{who}_share"] for r in cats), 1.0, rel_tol=1e-6)
+        assert sum(r[f"{who}_gflop"] for r in cats) == pytest.approx(step[f"{who}_gflop"])
+    assert next(r for r in cats if r["category"] == "optimizer")["ours_ms"] > 0

@@ -76,3 +76,17 @@ def test_bad_inputs():
         loss([feats[0], torch.randn(3, 5, 3, 4, 5)], visible)
     with pytest.raises(ValueError, match="visible must be"):
         loss(feats, visible[:, :2])
+
+
+def test_projection_is_the_1x1x1_convolution_and_any_layout_gives_the_same_loss():
+    # the projections are applied as matrix products on channels-last rows of the drawn locations: the same
+    # value as the modules' convolutions (the loop reference applies the weights by einsum), in either layout
+    torch.manual_seed(0)
+    feats, visible = _inputs(batch=2, grid=(4, 4, 4), channels=(8, 8))
+    loss = SpatialInfoNCE([8, 8], projection_dim=6, num_samples=64).double()
+    feats = [f.double() for f in feats]
+    channels_last = [f.contiguous(memory_format=torch.channels_last_3d) for f in feats]
+    a = loss(feats, visible, torch.Generator().manual_seed(1))
+    b = loss(channels_last, visible, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert abs(float(a) - float(spatial_info_nce_reference(loss, feats, visible))) < 1e-6  # a: float32 logits

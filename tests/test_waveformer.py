@@ -198,3 +198,22 @@ def test_every_parameter_learns_from_mri_and_ct_batches():
     loss = net(torch.randn(1, 1, 16, 16, 16)).square().mean() + net(torch.randn(1, 3, 16, 16, 16)).square().mean()
     loss.backward()
     assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+@pytest.mark.parametrize("channels, shape", [(1, (2, 16, 16, 16)), (3, (1, 16, 24, 8))])
+def test_patch_embedding_equals_the_strided_convolution(channels, shape):
+    # embed computes the kernel = stride convolution as a matrix product on channels-last patches; the
+    # convolution module it takes its weights from is the independent formulation (values and gradients)
+    torch.manual_seed(0)
+    net = _small().double()
+    conv = net.patch_embed_1ch if channels == 1 else net.patch_embed_3ch
+    x = torch.randn(shape[0], channels, *shape[1:], dtype=torch.float64, requires_grad=True)
+    fast, reference = net.embed(x), conv(x)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-12)
+    grads = [torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum(),
+                                 [x, conv.weight, conv.bias]) for y in (fast, reference)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: bf16, as the convolution gives
+        mixed = _small().embed(x.float().detach())
+    assert mixed.dtype == torch.bfloat16

@@ -24,6 +24,8 @@ SECTIONS: dict[str, tuple[str, str, str, str | None]] = {
                 None),
     "submission": ("lib.bench.submission", "per_series", "9. RSNA submission: time per series, DICOM to 14 probabilities",
                    None),
+    "profile": ("lib.bench.profile", "profile", "10. Training-step profile: where the time goes, ours beside the MONAI peer",
+                None),
 }
 
 

@@ -103,11 +103,13 @@ class SpatialInfoNCE(nn.Module):
         index, valid = sample_locations(visible.reshape(b, -1), self.num_samples, generator)
         # The projection and the normalisation act on each location alone: apply them to the drawn ones only
         # (num_samples of d*h*w locations; 16x less work at the prod grid than projecting whole maps).
+        # Channels-last rows ([B, N, C]: a view of maps stored so, as the encoder's are), and the 1x1x1
+        # convolution as the matrix product it is (oneDNN's weight gradient of it on [B, C, n, 1, 1] was slow).
         gathered = []
         for f, proj in zip(aligned, self.projectors):
-            drawn = f.flatten(2).gather(2, index[:, None, :].expand(-1, f.shape[1], -1))  # [B, C, n]
-            vectors = F.normalize(proj(drawn[..., None, None]).float(), dim=1)            # [B, P, n, 1, 1]
-            gathered.append(vectors[..., 0, 0].transpose(1, 2))                           # [B, n, P]
+            rows = f.permute(0, 2, 3, 4, 1).reshape(b, -1, f.shape[1])
+            drawn = rows.gather(1, index[:, :, None].expand(-1, -1, f.shape[1]))           # [B, n, C]
+            gathered.append(F.normalize(F.linear(drawn, proj.weight.flatten(1)).float(), dim=-1))  # [B, n, P]
         losses = [spatial_info_nce(gathered[i], gathered[i + 1], valid, self.temperature)
                   for i in range(len(gathered) - 1)]
         return torch.stack(losses).mean()

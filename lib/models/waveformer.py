@@ -289,7 +289,13 @@ class WaveFormer3D(nn.Module):
         if bad:
             raise ValueError(f"WaveFormer3D: spatial size {tuple(x.shape[2:])} must be positive multiples of "
                              f"patch_size {self.patch_size}")
-        return (self.patch_embed_1ch if channels == 1 else self.patch_embed_3ch)(x)
+        conv = self.patch_embed_1ch if channels == 1 else self.patch_embed_3ch
+        # A convolution whose kernel is its stride is a matrix product per patch: computed so, channels-last (on a
+        # CPU, oneDNN's weight gradient of this convolution cost more than every linear layer of the subset step).
+        b, p, (d, h, w) = x.shape[0], self.patch_size, (s // self.patch_size for s in x.shape[2:])
+        patches = x.reshape(b, channels, d, p, h, p, w, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        tokens = F.linear(patches.reshape(b, d, h, w, -1), conv.weight.flatten(1), conv.bias)
+        return tokens.permute(0, 4, 1, 2, 3)  # [B, E, d, h, w], stored channels-last
 
     def position(self, grid: Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The positional encoding of a token grid, [1, E, d, h, w]."""
