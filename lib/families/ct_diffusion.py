@@ -29,8 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lib import metrics, multigpu
-from lib.config import Config
+from lib import metrics
 from lib.families.common import data_root
 from lib.data.cache import ArrayCache
 from lib.data.paired import SeriesPairs
@@ -213,16 +212,9 @@ def train_vae(cfg: Mapping[str, Any], vae: FrameVAE, denoiser: SeriesDenoiser, d
         if cfg["vae_checkpoint"]:
             load_weights(vae, cfg["vae_checkpoint"])
         if cfg["vae_epochs"]:
-            n = multigpu.processes(cfg)
-            if n > 1:
-                from lib.families.ct_diffusion_processes import vae_process
+            from lib.families.ct_diffusion_processes import fit_stage
 
-                result = multigpu.fit_in_processes(vae_process, Config(cfg, time_budget_s=time_budget_s),
-                                                   run.dir / "vae", vae, run.device, n)
-            else:
-                from lib.families.ct_diffusion_processes import fit_vae
-
-                result = fit_vae(cfg, vae, data, run.dir / "vae", run.device, time_budget_s)
+            result = fit_stage("vae", cfg, vae, data, run, time_budget_s)
             print(result.status, {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
             if result.status != "completed":
                 raise RuntimeError(f"stage 1 stopped at the time budget; continue it with resume=True and "
@@ -296,16 +288,9 @@ def train_denoiser(cfg: Mapping[str, Any], ldm: LatentDiffusion, latents: Mappin
     ``epochs=0`` needs a ``denoiser_checkpoint`` (already loaded by :func:`train_vae`)."""
     result = None
     if cfg["epochs"]:
-        n = multigpu.processes(cfg)
-        if n > 1:
-            from lib.families.ct_diffusion_processes import denoiser_process
+        from lib.families.ct_diffusion_processes import fit_stage
 
-            result = multigpu.fit_in_processes(denoiser_process, Config(cfg, time_budget_s=time_budget_s),
-                                               run.dir / "denoiser", ldm, run.device, n)
-        else:
-            from lib.families.ct_diffusion_processes import fit_denoiser
-
-            result = fit_denoiser(cfg, ldm, latents, run.dir / "denoiser", run.device, time_budget_s)
+        result = fit_stage("denoiser", cfg, ldm, latents, run, time_budget_s)
         load_weights(ldm, result.checkpoint)  # the EMA weights when ema_decay is set
         print(result.status, {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)})
     elif not cfg["denoiser_checkpoint"]:

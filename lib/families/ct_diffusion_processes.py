@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from lib import distributed
+from lib import distributed, multigpu
+from lib.config import Config
 from lib.device import pick_device
 from lib.families import ct_diffusion as cd
 from lib.models.diffusion import LatentDiffusion
@@ -49,6 +50,19 @@ def fit_denoiser(cfg: Mapping[str, Any], ldm: LatentDiffusion, latents: Mapping,
     return fit(ldm, train_step, train, optimizer, out_dir=out_dir, config=cfg,
                settings=TrainSettings.from_config(cfg, time_budget_s=time_budget_s), val_loader=val,
                val_step=val_step, resume=cfg["resume"], device=device)
+
+
+def fit_stage(stage: str, cfg: Mapping[str, Any], model: torch.nn.Module, data: Mapping, run,
+              time_budget_s: float | None) -> FitResult:
+    """Stage ``"vae"`` (``data``: the series) or ``"denoiser"`` (``data``: the latents) into ``run.dir/<stage>``:
+    in this process, or in ``gpus`` processes (:func:`vae_process`, :func:`denoiser_process`)."""
+    n = multigpu.processes(cfg)
+    if n > 1:
+        process = {"vae": vae_process, "denoiser": denoiser_process}[stage]
+        return multigpu.fit_in_processes(process, Config(cfg, time_budget_s=time_budget_s), run.dir / stage, model,
+                                         run.device, n)
+    fit_here = {"vae": fit_vae, "denoiser": fit_denoiser}[stage]
+    return fit_here(cfg, model, data, run.dir / stage, run.device, time_budget_s)
 
 
 def vae_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[torch.nn.Module, FitResult | None]:
