@@ -20,6 +20,7 @@ Papermill only warns about unknown ``-p`` names; the check here turns them into 
 from __future__ import annotations
 
 import types
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +35,32 @@ class Param:
     type: type | tuple[type, ...]
     help: str
     choices: tuple | None = None  # the allowed values, when the parameter is categorical
+    range: str | None = None      # the allowed numbers: ">=1", ">0", ">=0", "(0,1)", "[0,1)", "[0,1]", "(0,0.5]"
+
+    def __post_init__(self) -> None:
+        if self.range is not None:
+            _bounds(self.range)  # a malformed range fails where it is declared
+
+
+def _bounds(spec: str) -> tuple[float, bool, float, bool]:
+    """``(low, low inclusive, high, high inclusive)`` of a range such as ``">=1"``, ``">0"`` or ``"[0,1)"``."""
+    s = spec.replace(" ", "")
+    try:
+        if s.startswith(">="):
+            return float(s[2:]), True, math.inf, False
+        if s.startswith(">"):
+            return float(s[1:]), False, math.inf, False
+        if s[0] in "([" and s[-1] in ")]":
+            low, high = s[1:-1].split(",")
+            return float(low), s[0] == "[", float(high), s[-1] == "]"
+    except (ValueError, IndexError):
+        pass
+    raise ValueError(f"parameter range {spec!r}: write '>=N', '>N' or an interval such as '(0,1)' or '[0,1)'")
+
+
+def in_range(value: Any, spec: str) -> bool:
+    low, low_in, high, high_in = _bounds(spec)
+    return (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
 
 
 @dataclass(frozen=True)
@@ -65,7 +92,7 @@ class Config(dict):
 
 # Parameters every notebook has.
 COMMON: dict[str, Param] = {
-    "seed": Param(0, int, "seeds python, numpy, torch and data-loader workers (lib.runs.seed_everything)"),
+    "seed": Param(0, int, "seeds python, numpy, torch and data-loader workers (lib.runs.seed_everything)", range='>=0'),
     "device": Param("auto", str, "auto | cpu | cuda | cuda:N | mps; 'auto' honours $MEDIMG_DEVICE (lib.device)"),
     "deterministic": Param(False, bool, "torch.use_deterministic_algorithms: bit-exact reruns, slower"),
 }
@@ -75,21 +102,21 @@ COMMON: dict[str, Param] = {
 # (which reads them from the resolved configuration) plus the optimiser and loader basics.
 _OPT_FLOAT = (float, type(None))
 TRAINING: dict[str, Param] = {
-    "epochs": Param(1, int, "passes over the training data"),
-    "batch_size": Param(2, int, "samples per micro-batch"),
-    "lr": Param(1e-4, float, "peak learning rate (AdamW)"),
-    "weight_decay": Param(1e-4, float, "AdamW weight decay"),
-    "grad_accum": Param(1, int, "micro-batches per optimizer step"),
-    "clip_grad_norm": Param(1.0, _OPT_FLOAT, "clip the gradient norm to this; None: no clipping"),
-    "warmup_epochs": Param(0.0, float, "linear warm-up before the cosine decay, in epochs"),
-    "ema_decay": Param(None, _OPT_FLOAT, "EMA of the weights (e.g. 0.999); None: off"),
-    "val_every": Param(1, int, "validate every N epochs"),
-    "ckpt_every": Param(0, int, "keep a checkpoint every N epochs besides last and best; 0: off"),
-    "time_budget_s": Param(None, _OPT_FLOAT, "stop cleanly with a checkpoint before this many seconds (Kaggle: ~11.5 h)"),
+    "epochs": Param(1, int, "passes over the training data", range='>=0'),
+    "batch_size": Param(2, int, "samples per micro-batch", range='>=1'),
+    "lr": Param(1e-4, float, "peak learning rate (AdamW)", range='>0'),
+    "weight_decay": Param(1e-4, float, "AdamW weight decay", range='>=0'),
+    "grad_accum": Param(1, int, "micro-batches per optimizer step", range='>=1'),
+    "clip_grad_norm": Param(1.0, _OPT_FLOAT, "clip the gradient norm to this; None: no clipping", range='>0'),
+    "warmup_epochs": Param(0.0, float, "linear warm-up before the cosine decay, in epochs", range='>=0'),
+    "ema_decay": Param(None, _OPT_FLOAT, "EMA of the weights (e.g. 0.999); None: off", range='(0,1)'),
+    "val_every": Param(1, int, "validate every N epochs", range='>=1'),
+    "ckpt_every": Param(0, int, "keep a checkpoint every N epochs besides last and best; 0: off", range='>=0'),
+    "time_budget_s": Param(None, _OPT_FLOAT, "stop cleanly with a checkpoint before this many seconds (Kaggle: ~11.5 h)", range='>0'),
     "amp": Param(True, bool, "mixed precision (bf16 on CPU and Ampere+, fp16 + loss scaling on older GPUs)"),
-    "num_workers": Param(0, int, "data-loader worker processes (per training process)"),
+    "num_workers": Param(0, int, "data-loader worker processes (per training process)", range='>=0'),
     "gpus": Param(1, int, "training processes, one per GPU (DDP; lib.multigpu): 1 this process, 0 every visible GPU "
-                  "(Kaggle T4 x2: 0 or 2); batch_size is per process"),
+                  "(Kaggle T4 x2: 0 or 2); batch_size is per process", range='>=0'),
     "resume": Param(False, bool, "continue the run whose folder is given by $MEDIMG_RUN_ID from its last checkpoint"),
 }
 
@@ -137,6 +164,9 @@ def _check(notebook: str, key: str, value: Any, param: Param, origin: str) -> An
     if param.choices is not None and value not in param.choices:
         raise ValueError(f"{notebook}: parameter {key!r} ({origin}) is {value!r}; valid choices: "
                          f"{', '.join(map(str, param.choices))}")
+    if param.range is not None and value is not None and not in_range(value, param.range):
+        raise ValueError(f"{notebook}: parameter {key!r} ({origin}) is {value!r}, outside its range {param.range}. "
+                         f"{param.help}")
     return value
 
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from lib import config
@@ -91,3 +93,30 @@ def test_categorical_parameters_name_their_choices():
     with pytest.raises(ValueError, match="'cohort' \\(override\\) is 'huge'; valid choices: smoke, demo"):
         config.resolve("02_prepare_data", "demo", cohort="huge")
     assert config.resolve("02_prepare_data", "demo", cohort="smoke").cohort == "smoke"
+
+
+@pytest.mark.parametrize("notebook, key, value", [("03_pretrain", "lr", 0.0), ("01_explore_data", "max_files", -3),
+                                                  ("03_pretrain", "img_size", -3), ("03_pretrain", "ema_decay", 1.0),
+                                                  ("03_pretrain", "gpus", -1), ("06_xray_to_ct", "high_freq_cutoff", 0.6)])
+def test_a_value_outside_its_declared_range_fails_naming_the_parameter_and_the_range(notebook, key, value):
+    param = config._spec_of(notebook).params[key]
+    with pytest.raises(ValueError, match=rf"{notebook}: parameter '{key}' \(override\) is {value!r}, outside its "
+                                         rf"range {re.escape(param.range)}"):
+        config.resolve(notebook, "smoke", **{key: value})
+
+
+def test_every_numeric_parameter_declares_its_range():
+    from lib.presets import NOTEBOOKS
+
+    signed = {"hu_min", "hu_max"}  # HU bounds: any sign
+    missing = {k for spec in NOTEBOOKS.values() for k, p in spec.params.items()
+               if p.choices is None and p.range is None and k not in signed
+               and {int, float} & set(p.type if isinstance(p.type, tuple) else (p.type,)) and p.type is not bool}
+    assert not missing, f"numeric parameters without a declared range: {sorted(missing)}"
+    for notebook in NOTEBOOKS:  # every preset keeps its values inside the ranges
+        for preset in config.PRESETS:
+            config.resolve(notebook, preset)
+    assert config.in_range(1, ">=1") and not config.in_range(0, ">0") and config.in_range(0, "[0,1)")
+    assert not config.in_range(1, "[0,1)") and config.in_range(0.5, "(0,0.5]")
+    with pytest.raises(ValueError, match="parameter range 'positive'"):
+        config.Param(1, int, "x", range="positive")
