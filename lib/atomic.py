@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
+import platform
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,13 +25,62 @@ import numpy as np
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# A temporary file is named ``.<name>.<host>-<pid>.<random>.tmp`` (host: 8 hex digits of the host name's
+# hash), so that a later writer can tell a dead writer's leftover (removable) from a live one's.
+_HOST = hashlib.sha1(platform.node().encode()).hexdigest()[:8]
+_TEMP = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not; with ``start_ticks``: the same process,
+    not a later one that reuses its pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, someone else's
+    except (OverflowError, ValueError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X"):
+            return False
+    except (OSError, ValueError):
+        return True  # no /proc (or it just exited): trust os.kill
+    now = process_start_ticks(pid)
+    return start_ticks is None or now is None or now == start_ticks
+
+
+def remove_orphans(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` in ``folder`` whose writer (a process of this host)
+    is dead, e.g. killed mid-save; a live writer's are kept. Returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = _TEMP.match(entry.name)
+            if m and m["host"] == _HOST and not process_alive(int(m["pid"])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a result file gets the usual mode

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from lib.atomic import atomic_path
+from lib.atomic import atomic_path, remove_orphans
 
 FORMAT = "lib.train/1"
 
@@ -67,7 +67,9 @@ _READ_ERRORS = (OSError, RuntimeError, EOFError, IndexError, KeyError, ValueErro
 
 
 def save(path: str | Path, obj: dict) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, renamed into place when complete."""
+    """``torch.save`` to a temporary file beside ``path``, renamed into place when complete; the leftover
+    temporary files of writers killed mid-save in that folder are removed (never a live writer's)."""
+    remove_orphans(Path(path).parent)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
@@ -259,11 +261,16 @@ def resume_state(resume: Any, ckpt_dir: Path, resolved: dict, world: int, main: 
     run's configuration (but ``may_differ``) and process count; a damaged checkpoint names the previous good one."""
     if resume is False or resume is None:
         return None
+    auto = resume == "auto"
+    resume = True if auto else resume
     path = ckpt_dir / "last.pt" if resume is True else Path(resume)
     if resume is True and not path.exists():
         if not any(ckpt_dir.glob("*.pt")):
+            if not auto:
+                raise CheckpointError(f"resume=True but {ckpt_dir} holds no checkpoint to continue: name the run with "
+                                      f"$MEDIMG_RUN_ID (its folder under results/), or train without resume")
             if main:
-                print(f"resume: no checkpoint under {ckpt_dir}; starting from scratch")
+                print(f"resume: no checkpoint under {ckpt_dir} yet (a stage the run had not reached): starting it")
             return None
     try:
         state = load_train_checkpoint(path)

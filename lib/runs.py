@@ -37,6 +37,7 @@ import numpy as np
 from lib import config as _config
 from lib import paths
 from lib.atomic import _json_default, atomic_path, save_figure, write_csv, write_json, write_text  # noqa: F401  (re-exported)
+from lib.atomic import process_alive, process_start_ticks
 
 RUN_ID_ENV = "MEDIMG_RUN_ID"
 INDEX_COLUMNS = ["run_id", "notebook", "preset", "status", "seed", "device", "git_commit", "git_dirty",
@@ -182,6 +183,59 @@ def _update_index(results_root: Path, record: dict[str, Any]) -> None:
         write_text(index, buf.getvalue())
 
 
+# --------------------------------------------------------------------------- liveness
+
+_ATTEMPT_KEYS = ("status", "params", "config", "process", "start_time", "end_time", "wall_time_s", "errors")
+
+
+def _this_process() -> dict[str, Any]:
+    return {"host": platform.node(), "pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid())}
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _dead(entry: dict[str, Any]) -> bool:
+    """A ``running`` record or attempt whose process (on this host) is gone."""
+    proc = entry.get("process")
+    if entry.get("status") != "running" or not isinstance(proc, dict) or proc.get("host") != platform.node():
+        return False
+    pid = proc.get("pid")
+    return isinstance(pid, int) and not process_alive(pid, proc.get("start_ticks"))
+
+
+def mark_dead_runs(results_root: str | os.PathLike | None = None) -> list[str]:
+    """Mark ``incomplete`` every ``running`` run (or resume attempt) of this host whose process is gone
+    (killed by SIGKILL or the OOM killer: no exit hook ran). Returns the paths of the records changed."""
+    results_root = Path(results_root or paths.results_dir())
+    changed = []
+    for path in sorted(results_root.glob("*/*/run.json")):
+        record = _read_record(path)
+        entries = [record, *(a for a in record.get("attempts", []) if isinstance(a, dict))]
+        dead = [e for e in entries if _dead(e)]
+        if not dead:
+            continue
+        for entry in dead:
+            entry.update(status="incomplete", end_time=entry.get("end_time") or _now())
+            entry.setdefault("errors", []).append({
+                "time": _now(), "traceback": None, "error": f"process {entry['process']['pid']} on "
+                f"{entry['process']['host']} is gone (killed?) without closing the run: marked incomplete"})
+        try:
+            write_json(path, record)
+            if all(k in record for k in ("run_id", "notebook", "preset", "path")):
+                _update_index(results_root, record)
+        except OSError as e:  # someone else's read-only record: leave it, never stop a run from starting
+            print(f"mark_dead_runs: cannot update {path}: {e}")
+            continue
+        changed.append(str(path.parent.relative_to(results_root)))
+    return changed
+
+
 # --------------------------------------------------------------------------- runs
 
 class Run:
@@ -200,23 +254,34 @@ class Run:
         self.run_id = run_id or os.environ.get(RUN_ID_ENV) or new_run_id(cfg["preset"])
         self.dir = self.results_root / notebook / self.run_id
         self.dir.mkdir(parents=True, exist_ok=True)
+        mark_dead_runs(self.results_root)
         self.seed = cfg.get("seed", 0)
         seed_everything(self.seed, deterministic=bool(cfg.get("deterministic", False)))
         self.device = _device.pick_device(cfg.get("device"))
         self.amp_dtype = _device.autocast_dtype(self.device)
         self._t0 = time.monotonic()
-        self.record: dict[str, Any] = {
+        fresh: dict[str, Any] = {
             "run_id": self.run_id, "notebook": notebook, "preset": cfg["preset"],
             "status": "running", "params": params or {}, "config": dict(cfg), "seed": self.seed,
             "git": git_info(), "versions": versions(), "device": _device.describe(self.device),
             "start_time": _now(), "end_time": None, "wall_time_s": None, "errors": [],
-            "path": str(self.dir.relative_to(self.results_root)),
+            "process": _this_process(), "path": str(self.dir.relative_to(self.results_root)),
         }
+        prior = _read_record(self.dir / "run.json")
+        if prior.get("status") == "completed":
+            # A completed record stays what readers see; this session is an attempt until it completes.
+            self._fresh, self.record = fresh, prior
+            self._session: dict[str, Any] = {k: fresh[k] for k in _ATTEMPT_KEYS}
+            prior.setdefault("attempts", []).append(self._session)
+        else:
+            self._fresh, self.record = None, fresh
+            self._session = fresh
         self._save()
 
     @property
     def status(self) -> str:
-        return self.record["status"]
+        """This session's status (``running`` until it finishes, fails or is left incomplete)."""
+        return self._session["status"]
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder (parent folders created)."""
@@ -238,13 +303,18 @@ class Run:
         _update_index(self.results_root, self.record)
 
     def _close(self, status: str) -> None:
-        self.record.update(status=status, end_time=_now(),
-                           wall_time_s=round(time.monotonic() - self._t0, 3))
+        self._session.update(status=status, end_time=_now(), wall_time_s=round(time.monotonic() - self._t0, 3))
+        if self._fresh is not None and status == "completed":  # this session's completion replaces the record
+            extra = {k: v for k, v in self.record.items() if k not in self._fresh and k not in ("summary", "attempts")}
+            self.record = {**self._fresh, **extra, **self._session, "attempts": self.record["attempts"]}
+            self._fresh, self._session = None, self.record
         self._save()
 
     def finish(self, **summary: Any) -> "Run":
         """Mark the run completed; ``summary`` (small, JSON-able) is stored in ``run.json``."""
-        if summary:
+        if self._fresh is not None:
+            self._session["summary"] = dict(summary)
+        elif summary:
             self.record.setdefault("summary", {}).update(summary)
         self._close("completed")
         print(f"run {self.run_id} completed in {self.record['wall_time_s']:.1f} s -> {self.dir}")
@@ -257,11 +327,11 @@ class Run:
             tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         else:
             text, tb = str(error), None
-        self.record["errors"].append({"time": _now(), "error": text, "traceback": tb})
+        self._session["errors"].append({"time": _now(), "error": text, "traceback": tb})
         self._close("failed")
 
     def _mark_incomplete(self) -> None:
-        if self.record["status"] == "running":
+        if self.status == "running":
             self._close("incomplete")
 
     def __enter__(self) -> "Run":
@@ -281,7 +351,19 @@ class Run:
 def start_run(notebook: str, preset: str, **overrides: Any) -> Run:
     """Resolve the configuration (see :func:`lib.config.resolve`), seed, pick the device, record."""
     cfg = _config.resolve(notebook, preset, **overrides)
+    check_resumable(notebook, cfg, os.environ.get(RUN_ID_ENV))
     return Run(notebook, cfg, params={"preset": preset, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def check_resumable(notebook: str, cfg: _config.Config, run_id: str | None) -> None:
+    """With ``resume``, the run to continue must exist and hold a checkpoint; else stop before anything is written."""
+    if not cfg.get("resume"):
+        return
+    folder = paths.results_dir() / notebook / (run_id or "")
+    if not run_id or not any(folder.rglob("checkpoints/*.pt")):
+        raise ValueError(f"{notebook}: parameter 'resume' is True but " + (
+            f"${RUN_ID_ENV} does not name the run to continue" if not run_id else
+            f"run {run_id!r} ({folder}) holds no checkpoint to continue") + "; without resume the run starts afresh")
 
 
 def start_notebook(notebook: str, namespace: dict[str, Any]) -> Run:
@@ -325,15 +407,42 @@ def mark_failed(run_dir: str | os.PathLike, notebook: str, preset: str, error: s
     run_dir = Path(run_dir)
     results_root = Path(results_root or paths.results_dir())
     record_path = run_dir / "run.json"
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
+    failure = {"time": _now(), "error": error, "traceback": None}
+    record = _read_record(record_path)
+    if record.get("status") == "completed":  # a completed record is never downgraded: the attempt failed
+        attempts = record.setdefault("attempts", [])
+        if attempts and attempts[-1].get("status") == "failed":  # the notebook already recorded its error
+            return
+        if not attempts or attempts[-1].get("status") not in ("running", "incomplete"):
+            attempts.append({"status": "running", "params": {"preset": preset}, "start_time": None, "errors": []})
+        attempts[-1].setdefault("errors", []).append(failure)
+        attempts[-1].update(status="failed", end_time=_now())
+    else:
         if record.get("status") == "failed":  # the notebook already recorded its own error
             return
-    else:
-        record = {"run_id": run_dir.name, "notebook": notebook, "preset": preset, "params": {"preset": preset},
-                  "git": git_info(), "versions": versions(), "start_time": None, "errors": [],
-                  "path": str(run_dir.relative_to(results_root))}
-    record.setdefault("errors", []).append({"time": _now(), "error": error, "traceback": None})
-    record.update(status="failed", end_time=_now())
+        if not record:
+            record = {"run_id": run_dir.name, "notebook": notebook, "preset": preset, "params": {"preset": preset},
+                      "git": git_info(), "versions": versions(), "start_time": None, "errors": [],
+                      "path": str(run_dir.relative_to(results_root))}
+        record.setdefault("errors", []).append(failure)
+        record.update(status="failed", end_time=_now())
     write_json(record_path, record)
     _update_index(results_root, record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lib.runs [RESULTS_DIR]``: mark the runs whose process is gone ``incomplete``; print them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lib.runs", description=main.__doc__)
+    parser.add_argument("results_root", nargs="?", default=None, help="default: the project's results folder")
+    args = parser.parse_args(argv)
+    changed = mark_dead_runs(args.results_root)
+    for rel in changed:
+        print(f"incomplete (process gone): {rel}")
+    print(f"{len(changed)} run record(s) marked incomplete")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

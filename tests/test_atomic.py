@@ -33,3 +33,37 @@ def test_write_csv_and_save_figure(tmp_path):
     ax.plot([0, 1])
     atomic.save_figure(tmp_path / "f.png", fig)
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temp_names_carry_host_and_pid(tmp_path):
+    import os
+
+    with atomic.atomic_path(tmp_path / "x.bin") as tmp:
+        m = atomic._TEMP.match(tmp.name)
+        assert m and m["host"] == atomic._HOST and int(m["pid"]) == os.getpid()
+
+
+def test_a_save_removes_dead_writers_temp_files_never_a_live_ones(tmp_path):
+    import os
+
+    import torch
+
+    from lib import checkpoint
+
+    dead = tmp_path / f".last.pt.{atomic._HOST}-{_dead_pid()}.abcd1234.tmp"
+    live = tmp_path / f".last.pt.{atomic._HOST}-{os.getpid()}.efgh5678.tmp"
+    other_host = tmp_path / f".last.pt.{'0' * 8 if atomic._HOST != '0' * 8 else '1' * 8}-{_dead_pid()}.ijkl9012.tmp"
+    for p in (dead, live, other_host):
+        p.write_bytes(b"half a checkpoint")
+    checkpoint.save(tmp_path / "last.pt", {"w": torch.zeros(2)})
+    assert not dead.exists() and live.exists() and other_host.exists()
+    assert torch.equal(checkpoint.load(tmp_path / "last.pt")["w"], torch.zeros(2))

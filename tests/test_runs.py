@@ -136,3 +136,14 @@ def test_loader_workers_are_seeded_from_the_loader_generator():
     assert not torch.equal(a, c)
     # the workers' python and numpy streams differ between workers, not just the torch one
     assert len(set(a[:, 2].tolist())) == len(a)
+
+
+def test_a_notebook_resuming_a_run_without_checkpoint_stops_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDIMG_RESULTS_DIR", str(tmp_path))
+    monkeypatch.delenv(runs.RUN_ID_ENV, raising=False)
+    with pytest.raises(ValueError, match=r"parameter 'resume' is True but \$MEDIMG_RUN_ID does not name the run"):
+        runs.start_run("06_xray_to_ct", "smoke", resume=True)
+    monkeypatch.setenv(runs.RUN_ID_ENV, "20260101-000000-smoke-abcd")
+    with pytest.raises(ValueError, match=r"run '20260101-000000-smoke-abcd' \(.*\) holds no checkpoint to continue"):
+        runs.start_run("06_xray_to_ct", "smoke", resume=True)
+    assert not any(tmp_path.rglob("run.json")) and not (tmp_path / "runs.csv").exists()
