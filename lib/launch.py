@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{name} has no training that runs across processes")
     params = {k: _parse_value(v) for k, v in args.p}
     cfg = config.resolve(name, args.preset, **params)  # every rank: a bad parameter stops them all alike
+    run_id = args.run_id or os.environ.get(runs.RUN_ID_ENV)
+    runs.check_resumable(name, cfg, run_id)  # every rank: a run that cannot resume stops them all alike
     rank, world = distributed.init_distributed()
     run = None
     if rank == 0:
-        run = runs.Run(name, cfg, params={"preset": args.preset, **params},
-                       run_id=args.run_id or os.environ.get(runs.RUN_ID_ENV))
+        run = runs.Run(name, cfg, params={"preset": args.preset, **params}, run_id=run_id)
         run.record["launch"] = {"world_size": world, "command": " ".join(sys.argv)}
     run_dir = distributed.broadcast_object(str(run.dir) if run else None, world)
     try:

@@ -92,7 +92,8 @@ def fit(model: torch.nn.Module, step: Callable, train_loader: Any, optimizer: to
     ``step``) the same for validation. ``scheduler``: None builds :func:`warmup_cosine`; any other
     LR scheduler is stepped after every optimizer step. ``settings``: default
     ``TrainSettings.from_config(config)``. ``resume``: True continues from
-    ``out_dir/checkpoints/last.pt`` if there is one, a path from that checkpoint. ``ddp``: options of
+    ``out_dir/checkpoints/last.pt`` (none there is an error), ``"auto"`` continues from it if there is one and
+    starts afresh otherwise (a stage a resumed run had not reached), a path from that checkpoint. ``ddp``: options of
     ``DistributedDataParallel`` for this model in several processes (:func:`lib.distributed.wrap`).
     """
     s = settings if settings is not None else TrainSettings.from_config(config)

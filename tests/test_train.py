@@ -474,3 +474,11 @@ def test_adamw_falls_back_where_torch_has_no_fused_kernel(monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
     opt = train.adamw((p for p in torch.nn.Linear(2, 2).parameters()), lr=1e-3, weight_decay=0.0)
     assert not opt.param_groups[0]["fused"] and len(opt.param_groups[0]["params"]) == 2
+
+
+def test_resume_true_without_a_checkpoint_is_refused_and_auto_starts_the_stage(tmp_path, capsys):
+    with pytest.raises(train.CheckpointError, match=r"resume=True but .*checkpoints holds no checkpoint to continue"):
+        tw.run_fit({"seed": 0, "out_dir": tmp_path / "none", "config": CFG}, resume=True)
+    assert not (tmp_path / "none" / "checkpoints").exists() or not any((tmp_path / "none" / "checkpoints").iterdir())
+    _, result = tw.run_fit({"seed": 0, "out_dir": tmp_path / "stage", "config": CFG}, resume="auto")
+    assert result.status == "completed" and "a stage the run had not reached" in capsys.readouterr().out

@@ -16,6 +16,13 @@ def split_loaders(cfg: Mapping[str, Any], data: Mapping[str, Dataset]) -> dict[s
     return {s: loader(data[s], cfg, train=s == "train") for s in ("train", "val", "test")}
 
 
+def resume_mode(cfg: Mapping[str, Any]) -> str | bool:
+    """``fit``'s ``resume`` for a stage of a notebook run: with ``cfg.resume``, each stage continues from its
+    checkpoint if it has one and starts otherwise (the interrupted run had not reached it); that the run as a
+    whole holds a checkpoint is checked when the notebook starts (:func:`lib.runs.start_notebook`)."""
+    return "auto" if cfg["resume"] else False
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

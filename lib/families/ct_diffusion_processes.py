@@ -19,6 +19,7 @@ from lib import distributed, multigpu
 from lib.config import Config
 from lib.device import pick_device
 from lib.families import ct_diffusion as cd
+from lib.families.common import resume_mode
 from lib.models.diffusion import LatentDiffusion
 from lib.train import FitResult, TrainSettings, adamw, fit, load_weights
 
@@ -38,7 +39,7 @@ def fit_vae(cfg: Mapping[str, Any], vae: torch.nn.Module, data: Mapping, out_dir
                                          time_budget_s=time_budget_s)
     optimizer = adamw(vae.parameter_groups(cfg["vae_lr"]), weight_decay=cfg["weight_decay"])
     return fit(vae, train_step, train, optimizer, out_dir=out_dir, config=cfg, settings=settings, val_loader=val,
-               val_step=val_step, resume=cfg["resume"], device=device, ddp=VAE_DDP)
+               val_step=val_step, resume=resume_mode(cfg), device=device, ddp=VAE_DDP)
 
 
 def fit_denoiser(cfg: Mapping[str, Any], ldm: LatentDiffusion, latents: Mapping, out_dir: Path,
@@ -49,7 +50,7 @@ def fit_denoiser(cfg: Mapping[str, Any], ldm: LatentDiffusion, latents: Mapping,
     optimizer = adamw(ldm.denoiser.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     return fit(ldm, train_step, train, optimizer, out_dir=out_dir, config=cfg,
                settings=TrainSettings.from_config(cfg, time_budget_s=time_budget_s), val_loader=val,
-               val_step=val_step, resume=cfg["resume"], device=device)
+               val_step=val_step, resume=resume_mode(cfg), device=device)
 
 
 def fit_stage(stage: str, cfg: Mapping[str, Any], model: torch.nn.Module, data: Mapping, run,

@@ -31,7 +31,7 @@ from lib.config import args_for, resolve
 from lib.data import radiograph
 from lib.data.paired import CXRPairs
 from lib.device import autocast
-from lib.families.common import count_parameters, data_root, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
+from lib.families.common import count_parameters, data_root, resume_mode, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses.cxr_change import change_loss, masked_reconstruction_loss, random_patch_mask
 from lib.models.cxr_change import (ChangeModelConfig, LongitudinalMIMModel, LongitudinalMIMModelBig,
@@ -177,7 +177,7 @@ def pretrain_encoder(cfg: Mapping[str, Any], model: nn.Module, data_loaders: Map
         step, val = steps(cfg, "mim")
         optimizer = loop.adamw(mim.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         result = loop.fit(mim, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
-                          val_loader=data_loaders["val"], val_step=val, resume=cfg["resume"], device=device,
+                          val_loader=data_loaders["val"], val_step=val, resume=resume_mode(cfg), device=device,
                           settings=loop.TrainSettings.from_config(cfg, epochs=cfg["mim_epochs"]))
     loop.load_weights(mim, result.best_checkpoint or result.checkpoint)
     model.encoder.load_state_dict(mim.encoder.state_dict())
@@ -244,7 +244,7 @@ def train(cfg: Mapping[str, Any], model: nn.Module, data_loaders: Mapping[str, D
                                weight_decay=cfg["weight_decay"])
         settings = loop.TrainSettings.from_config(cfg, best_metric="val_soft_dice", best_mode="max")
         result = loop.fit(net, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
-                          val_loader=data_loaders["val"], val_step=val, settings=settings, resume=cfg["resume"],
+                          val_loader=data_loaders["val"], val_step=val, settings=settings, resume=resume_mode(cfg),
                           device=device, ddp=ddp_options(cfg))
     loop.load_weights(net, result.best_checkpoint or result.checkpoint)
     return result

@@ -33,6 +33,7 @@ from lib.config import args_for, resolve
 from lib.data import datasets, demo, locate, prepared
 from lib.data.cache import ArrayCache
 from lib.families import downstream, results
+from lib.families.common import resume_mode
 from lib.losses.contrastive import SpatialInfoNCE
 from lib.losses.masking import MiMHierarchicalMasking
 from lib.models.pretrainer import WaveFormerSparKMiMPretrainer, normalise_patches, patchify, unpatchify
@@ -206,7 +207,7 @@ def train_model(model: WaveFormerSparKMiMPretrainer, cfg: Mapping[str, Any], tra
     optimizer = train.adamw(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     settings = train.TrainSettings.from_config(cfg, log_every=2)
     return train.fit(model, train_step, train_loader, optimizer, out_dir=out_dir, config=cfg, val_loader=val_loader,
-                     val_step=val_step, settings=settings, resume=cfg["resume"], device=device, ddp=DDP_OPTIONS)
+                     val_step=val_step, settings=settings, resume=resume_mode(cfg), device=device, ddp=DDP_OPTIONS)
 
 
 def train_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[WaveFormerSparKMiMPretrainer, train.FitResult]:

@@ -41,6 +41,7 @@ from lib.data.io import load_volume
 from lib.data.prepared import PreparedDataset
 from lib.data.transforms import ct_windows
 from lib.families import downstream
+from lib.families.common import resume_mode
 from lib.loaders import loader
 from lib.train import TrainSettings, adamw, fit, load_weights
 
@@ -330,7 +331,7 @@ def train_arm(cfg: Mapping[str, Any], arm: str, fraction: float, seed: int, pret
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     result = fit(model, functools.partial(step, point_weight=cfg["point_weight"]), AlternatingLoader(train), optimizer,
                  out_dir=out_dir, config={**cfg, "seed": seed, "arm": arm, "label_fraction": fraction},
-                 val_loader=AlternatingLoader(val), settings=TrainSettings.from_config(cfg), resume=cfg["resume"],
+                 val_loader=AlternatingLoader(val), settings=TrainSettings.from_config(cfg), resume=resume_mode(cfg),
                  device=device)
     load_weights(model, result.best_checkpoint or result.checkpoint)
     return model.eval()

@@ -31,7 +31,7 @@ from lib.data.cache import ArrayCache
 from lib.data.paired import DRRVolumes
 from lib.data.io import Volume, load_volume, save_volume
 from lib.device import autocast, pick_device
-from lib.families.common import count_parameters, data_root, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
+from lib.families.common import count_parameters, data_root, resume_mode, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses import medical
 from lib.metrics import reconstruction_metrics
@@ -153,7 +153,7 @@ def train(cfg: Mapping[str, Any], model: nn.Module, loss_fn: nn.Module, data_loa
     optimizer = loop.adamw(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     settings = loop.TrainSettings.from_config(cfg, best_metric="val_psnr", best_mode="max")
     return loop.fit(model, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
-                    val_loader=data_loaders["val"], val_step=val, settings=settings, resume=cfg["resume"],
+                    val_loader=data_loaders["val"], val_step=val, settings=settings, resume=resume_mode(cfg),
                     device=device, ddp=DDP_OPTIONS)
 
 
