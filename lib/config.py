@@ -92,7 +92,7 @@ class Config(dict):
 
 # Parameters every notebook has.
 COMMON: dict[str, Param] = {
-    "seed": Param(0, int, "seeds python, numpy, torch and data-loader workers (lib.runs.seed_everything)", range='>=0'),
+    "seed": Param(0, int, "seeds python, numpy, torch and data-loader workers (lib.runs.seed_everything)", range=">=0"),
     "device": Param("auto", str, "auto | cpu | cuda | cuda:N | mps; 'auto' honours $MEDIMG_DEVICE (lib.device)"),
     "deterministic": Param(False, bool, "torch.use_deterministic_algorithms: bit-exact reruns, slower"),
 }
@@ -102,21 +102,21 @@ COMMON: dict[str, Param] = {
 # (which reads them from the resolved configuration) plus the optimiser and loader basics.
 _OPT_FLOAT = (float, type(None))
 TRAINING: dict[str, Param] = {
-    "epochs": Param(1, int, "passes over the training data", range='>=0'),
-    "batch_size": Param(2, int, "samples per micro-batch", range='>=1'),
-    "lr": Param(1e-4, float, "peak learning rate (AdamW)", range='>0'),
-    "weight_decay": Param(1e-4, float, "AdamW weight decay", range='>=0'),
-    "grad_accum": Param(1, int, "micro-batches per optimizer step", range='>=1'),
-    "clip_grad_norm": Param(1.0, _OPT_FLOAT, "clip the gradient norm to this; None: no clipping", range='>0'),
-    "warmup_epochs": Param(0.0, float, "linear warm-up before the cosine decay, in epochs", range='>=0'),
-    "ema_decay": Param(None, _OPT_FLOAT, "EMA of the weights (e.g. 0.999); None: off", range='(0,1)'),
-    "val_every": Param(1, int, "validate every N epochs", range='>=1'),
-    "ckpt_every": Param(0, int, "keep a checkpoint every N epochs besides last and best; 0: off", range='>=0'),
-    "time_budget_s": Param(None, _OPT_FLOAT, "stop cleanly with a checkpoint before this many seconds (Kaggle: ~11.5 h)", range='>0'),
+    "epochs": Param(1, int, "passes over the training data", range=">=0"),
+    "batch_size": Param(2, int, "samples per micro-batch", range=">=1"),
+    "lr": Param(1e-4, float, "peak learning rate (AdamW)", range=">0"),
+    "weight_decay": Param(1e-4, float, "AdamW weight decay", range=">=0"),
+    "grad_accum": Param(1, int, "micro-batches per optimizer step", range=">=1"),
+    "clip_grad_norm": Param(1.0, _OPT_FLOAT, "clip the gradient norm to this; None: no clipping", range=">0"),
+    "warmup_epochs": Param(0.0, float, "linear warm-up before the cosine decay, in epochs", range=">=0"),
+    "ema_decay": Param(None, _OPT_FLOAT, "EMA of the weights (e.g. 0.999); None: off", range="(0,1)"),
+    "val_every": Param(1, int, "validate every N epochs", range=">=1"),
+    "ckpt_every": Param(0, int, "keep a checkpoint every N epochs besides last and best; 0: off", range=">=0"),
+    "time_budget_s": Param(None, _OPT_FLOAT, "stop cleanly with a checkpoint before this many seconds (Kaggle: ~11.5 h)", range=">0"),
     "amp": Param(True, bool, "mixed precision (bf16 on CPU and Ampere+, fp16 + loss scaling on older GPUs)"),
-    "num_workers": Param(0, int, "data-loader worker processes (per training process)", range='>=0'),
+    "num_workers": Param(0, int, "data-loader worker processes (per training process)", range=">=0"),
     "gpus": Param(1, int, "training processes, one per GPU (DDP; lib.multigpu): 1 this process, 0 every visible GPU "
-                  "(Kaggle T4 x2: 0 or 2); batch_size is per process", range='>=0'),
+                  "(Kaggle T4 x2: 0 or 2); batch_size is per process", range=">=0"),
     "resume": Param(False, bool, "continue the run whose folder is given by $MEDIMG_RUN_ID from its last checkpoint"),
 }
 

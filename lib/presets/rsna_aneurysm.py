@@ -20,14 +20,14 @@ NB_09 = _spec(
                         "model sees, resampled to the encoder's img_size; None: a cube of the field of view the 03 encoder "
                         "was pre-trained on (its prep_size x spacing), (120, 120, 90) when that is unknown"),
         "cow_depth_mm": Param(None, (float, type(None)), "depth of the box centre below the top of the head (mm); None: "
-                              "the median over the training localizers (95 without any)", range='>0'),
+                              "the median over the training localizers (95 without any)", range=">0"),
         "point_weight": Param(0.5, float, "weight of the localizer term: each location's point on the encoder's token grid "
-                              "(auxiliary supervision; 0: off)", range='>=0'),
+                              "(auxiliary supervision; 0: off)", range=">=0"),
         "arms": Param(("finetune", "scratch", "probe"), tuple, "arms trained on every training label, same seeds"),
-        "seeds": Param(3, int, "seeds per arm and label fraction (mean ± std)", range='>=1'),
+        "seeds": Param(3, int, "seeds per arm and label fraction (mean ± std)", range=">=1"),
         "label_fractions": Param((0.25, 0.5, 1.0), tuple, "fractions of the training series (labels) of the "
                                  "label-efficiency curve (finetune against scratch)"),
-        "submission_series": Param(0, int, "held-out series fed to the local gateway (0: every test series)", range='>=0'),
+        "submission_series": Param(0, int, "held-out series fed to the local gateway (0: every test series)", range=">=0"),
     },
     training=True,
     smoke={"cohort": "smoke", "epochs": 1, "batch_size": 4, "lr": 1e-3, "seeds": 1, "label_fractions": (0.5, 1.0),
