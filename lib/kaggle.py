@@ -301,7 +301,7 @@ def _credentials_or_stop() -> None:
 
 
 def _kaggle(*args: str, exe: str = "kaggle", check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([shutil.which(exe) or exe, *args], capture_output=True, text=True)
+    result = subprocess.run([paths.executable(exe), *args], capture_output=True, text=True)
     if check and result.returncode != 0:
         raise RuntimeError(f"kaggle {' '.join(args[:2])} failed ({result.returncode}): "
                            f"{(result.stderr or result.stdout).strip()[-400:]}")

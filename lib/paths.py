@@ -16,6 +16,8 @@ Environment variables move the roots elsewhere, e.g. for tests or a scratch disk
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,3 +66,17 @@ def data_dir() -> Path:
 def cache_dir() -> Path:
     """Root of the cache of preprocessed arrays (:class:`lib.data.cache.ArrayCache`); put it on fast scratch."""
     return _from_env("MEDIMG_CACHE_DIR", data_dir() / "cache")
+
+
+def executable(name: str) -> str:
+    """The path of the command ``name``: first beside the running interpreter (the project's environment,
+    active or not), then on ``PATH``. Raises ``RuntimeError`` saying how to install it when neither has it."""
+    here = Path(sys.executable).parent
+    for candidate in (here / name, here / f"{name}.exe"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise RuntimeError(f"the {name!r} command is neither beside this Python ({here}) nor on PATH; install it into the "
+                       f"project's environment: {sys.executable} -m pip install {Path(name).name}")

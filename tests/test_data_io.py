@@ -173,7 +173,7 @@ def _truncated_gz(tmp):
 
 def _truncated_gz_header(tmp):
     (tmp / "stub.nii.gz").write_bytes((NIB_DATA / "example4d.nii.gz").read_bytes()[:100])
-    return tmp / "stub.nii.gz", {}, "unreadable: not an image nibabel can open, or a damaged/truncated file"
+    return tmp / "stub.nii.gz", {}, "unreadable: truncated or damaged gzip: the compressed stream ends early"
 
 
 def _truncated_nii(tmp):

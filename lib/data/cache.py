@@ -55,13 +55,20 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
     """A ``.npy`` file as a read-only array over a memory map of it: ``np.load(path, mmap_mode="r")``
     without ``np.memmap``'s Python overhead (half of a cache hit's time on a small volume)."""
     with open(path, "rb") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+        except ValueError as e:  # short or damaged header
+            raise ValueError(f"{path}: a truncated or damaged .npy file ({e})") from None
         if dtype.hasobject:
             raise ValueError(f"{path}: object arrays are not cached")
         offset = f.tell()
         count = math.prod(shape)
+        size = os.fstat(f.fileno()).st_size
+        if offset + count * dtype.itemsize > size:
+            raise ValueError(f"{path}: a truncated .npy file: its header needs {offset + count * dtype.itemsize:,} "
+                             f"bytes ({shape} x {dtype}), the file has {size:,}")
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if count else b""
     array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset if count else 0)
     return array.reshape(shape, order="F" if fortran_order else "C")

@@ -17,6 +17,26 @@ FACTS = {"mra": ("aneurysm", "aneurysm_radius_mm", "aneurysm_voxel"), "ct": ("an
          "contrast": ("emboli", "enhancement_hu")}
 
 
+SUBJECT_COLUMNS = ("dataset", "subject", "split")
+
+
+def read_subjects(path: Path):
+    """``subjects.csv`` of a built cohort as a table of strings; a ``ValueError`` naming the file says which of
+    its required columns (:data:`SUBJECT_COLUMNS`) are missing and which it has."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file; need the columns {', '.join(SUBJECT_COLUMNS)}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV table ({type(e).__name__}: {e})") from None
+    missing = [c for c in SUBJECT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; found: {', '.join(map(str, table.columns))}")
+    return table
+
+
 def _format_rows(out: Path, size: str) -> dict[str, list[dict]]:
     """The format's rows of a built cohort: images in the order every reader has always used (subjects.csv
     order, then t1, t2, mra / ct / noncontrast, contrast), then DRRs, then CXR pair images."""
@@ -25,7 +45,7 @@ def _format_rows(out: Path, size: str) -> dict[str, list[dict]]:
 
     from lib.data.prepared import image_fields
 
-    subjects = pd.read_csv(out / "subjects.csv", dtype=str, keep_default_na=False)
+    subjects = read_subjects(out / "subjects.csv")
     pairs = pd.read_csv(out / "cxr_pairs" / "pairs.csv", dtype=str, keep_default_na=False)
     rows: dict[str, list[dict]] = {"index": [], "labels": [], "points": [], "pairs": [], "report": []}
     source = f"builtin:{size}"

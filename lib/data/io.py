@@ -132,6 +132,54 @@ def _check_affine(path: Any, affine: np.ndarray) -> None:
                                 f"{np.round(zooms, 6).tolist()}): the voxels have no defined position in space")
 
 
+def voxel_size_problem(path: Path, img: Any) -> str | None:
+    """What is wrong with the voxel sizes (pixdim) stored in a NIfTI header, or ``None``. nibabel turns a
+    negative pixdim positive (with a log line) on reading, so the header is read again unchecked. A left-right
+    flip is the sign of ``pixdim[0]`` (qfac) or of the affine, never of a voxel size: a negative or zero size on
+    an axis the image has is a damaged header."""
+    header = getattr(img, "header", None)
+    if header is None or "pixdim" not in getattr(header, "keys", lambda: ())():
+        return None
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(path) as f:
+            raw = type(header).from_fileobj(f, check=False)
+    except Exception:  # nibabel read it a moment ago; a failure here is reported when the data is read
+        return None
+    ndim = int(raw["dim"][0])
+    sizes = [float(v) for v in raw["pixdim"][1:1 + min(max(ndim, 0), 3)]]
+    bad = [f"pixdim[{n + 1}]={v:g}" for n, v in enumerate(sizes) if not v > 0]
+    if not bad:
+        return None
+    return (f"invalid header: voxel size {', '.join(bad)} (voxel sizes must be > 0 mm; an orientation flip "
+            f"belongs in the affine or qfac, not in a voxel size)")
+
+
+def _gzip_problem(path: Path, e: BaseException) -> str:
+    """Say what a read failure means: a damaged gzip stream for a ``.gz`` file, else a damaged file."""
+    import zlib
+
+    if path.name.lower().endswith(".gz") and isinstance(e, gzip.BadGzipFile):
+        return f"truncated or damaged gzip: not a gzip file ({e})"
+    if path.name.lower().endswith(".gz") and isinstance(e, (EOFError, zlib.error, OSError)):
+        return f"truncated or damaged gzip: the compressed stream ends early or is corrupt ({type(e).__name__}: {e})"
+    return f"truncated or damaged file ({type(e).__name__}: {e})"
+
+
+def gzip_start_problem(path: Path) -> str | None:
+    """For a ``.gz`` file nibabel could not open (it hides a broken stream behind "cannot work out file type"):
+    what is wrong with the start of its gzip stream, or ``None``."""
+    if not path.name.lower().endswith(".gz"):
+        return None
+    try:
+        with gzip.open(path, "rb") as f:
+            f.read(1 << 16)
+    except Exception as e:
+        return _gzip_problem(path, e)
+    return None
+
+
 # --------------------------------------------------------------------------- loading
 
 def _load_image(path: Path):
@@ -154,6 +202,9 @@ def _load_image(path: Path):
         with open(path, "rb") as f:
             if f.read(132)[128:] == b"DICM" or path.suffix.lower() == ".dcm":
                 hint = "; it is a DICOM file: use lib.data.dicom.read_series"
+        broken = None if hint else gzip_start_problem(path)
+        if broken:
+            raise VolumeError(path, f"unreadable: {broken}") from e
         raise VolumeError(path, f"unreadable: not an image nibabel can open, or a damaged/truncated file "
                                 f"({type(e).__name__}: {e}){hint}") from e
     if not isinstance(img, SpatialImage) or len(getattr(img, "shape", ())) == 0:
@@ -199,6 +250,9 @@ def _check_header(path: Path, img: Any, channels: tuple[int, ...] | None, max_vo
     if channels is not None and n_channels not in channels:
         raise VolumeError(path, f"{n_channels} channels (shape {shape}); allowed channel counts: "
                                 f"{', '.join(map(str, channels))}")
+    problem = voxel_size_problem(path, img)
+    if problem:
+        raise VolumeError(path, problem)
     _check_affine(path, img.affine)
     # Uncompressed NIfTI: the header says how many bytes of voxel data follow vox_offset. A short
     # file is truncated; say so before decoding (nibabel would fail later, less clearly).
@@ -233,7 +287,7 @@ def load_volume(path: str | os.PathLike, *, channels: tuple[int, ...] | None = (
     except MemoryError:
         raise
     except Exception as e:  # EOFError, zlib.error, OSError ("Expected n bytes"), ValueError...
-        raise VolumeError(path, f"voxel data unreadable: truncated or damaged file ({type(e).__name__}: {e})") from e
+        raise VolumeError(path, f"voxel data unreadable: {_gzip_problem(path, e)}") from e
     bad = ~np.isfinite(data)
     n_bad = int(bad.sum())
     if n_bad:

@@ -145,7 +145,9 @@ def rows_for_cohort(out: str | os.PathLike, size: str) -> list[dict[str, str]]:
     """Manifest rows (dataset ``<size>_<part>``) for every file of a built cohort in ``out``."""
     out = Path(out)
     splits = {}
-    subjects = pd.read_csv(out / "subjects.csv", dtype=str, keep_default_na=False)
+    from lib.data.demo_format import read_subjects
+
+    subjects = read_subjects(out / "subjects.csv")  # names the file and the columns it lacks
     for _, r in subjects.iterrows():
         splits[(r["dataset"], r["subject"])] = r["split"]
     pairs = pd.read_csv(out / "cxr_pairs" / "pairs.csv", dtype=str, keep_default_na=False)
@@ -263,7 +265,7 @@ def fetch(dataset: str, data_root: str | os.PathLike | None = None, manifest_pat
                 "or set KAGGLE_USERNAME and KAGGLE_KEY"
                 + (f"; also accept the competition rules at https://www.kaggle.com/competitions/{ident}/rules"
                    if kind == "kaggle-competition" else "") + ". Then run this again.")
-        exe = shutil.which(kaggle) or kaggle
+        exe = paths.executable(kaggle)
         sub = ["competitions", "download", "-c", ident] if kind == "kaggle-competition" else ["datasets", "download", "-d", ident]
         target.mkdir(parents=True, exist_ok=True)
         result = subprocess.run([exe, *sub, "-p", str(target)], capture_output=True, text=True)

@@ -32,6 +32,19 @@ from lib.data.transforms import WINDOWS, window
 SPLITS = ("train", "val", "test")
 
 
+def _load_npy(path: Path, what: str, **kwargs) -> np.ndarray:
+    """``np.load`` (no pickles) raising a ``ValueError`` that names the file and what is wrong with it."""
+    try:
+        return np.load(path, allow_pickle=False, **kwargs)
+    except MemoryError:
+        raise
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file ({what})") from None
+    except Exception as e:  # EOFError (empty), ValueError (short header or data), OSError...
+        raise ValueError(f"{path}: unreadable {what}: a truncated or damaged .npy file "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -153,10 +166,7 @@ class CXRPairs(Dataset):
         return len(self.pairs)
 
     def _image(self, path: Path) -> torch.Tensor:
-        try:
-            x = torch.from_numpy(np.asarray(np.load(path), np.float32))[None]
-        except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{path}: unreadable radiograph ({e})") from None
+        x = torch.from_numpy(np.asarray(_load_npy(path, "radiograph"), np.float32))[None]
         return x if self.size is None else resize(x, (self.size, self.size))
 
     def __getitem__(self, i: int) -> dict:
@@ -256,12 +266,12 @@ class DRRVolumes(Dataset):
     def _view(self, subject: str, angle: float) -> np.ndarray:
         stored = self._views[subject].get(angle % 360)
         if stored is not None:
-            return np.load(self.cohort.file(stored))
+            return _load_npy(self.cohort.file(stored), "radiograph")
         path = self.ct_path(subject)
 
         def compute():
             v = load_volume(path, channels=(1,))
-            size = np.load(self._stored(subject), mmap_mode="r").shape[0]
+            size = _load_npy(self._stored(subject), "radiograph", mmap_mode="r").shape[0]
             if self.geometry is None:
                 return drr.radiograph(v.array[0], v.spacing, angle, size=size)
             return drr.radiograph(v.array[0], v.spacing, angle, size=size, geometry=self.geometry)
@@ -311,7 +321,7 @@ class DRRVolumes(Dataset):
         if self.geometry is not None:
             half = drr.field_at_axis_mm(self.geometry) / 2
             return (float(nx * sx / 2 / half), float(ny * sy / 2 / half), float(nz * sz / 2 / half))
-        size = np.load(self._stored(subject), mmap_mode="r").shape[0]
+        size = _load_npy(self._stored(subject), "radiograph", mmap_mode="r").shape[0]
         h_mm, w_mm = nz * sz, nx * sx
         fov = max(h_mm, w_mm)
         rows = nz + 2 * int(round((fov - h_mm) / sz / 2))

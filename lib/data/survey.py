@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,27 @@ def image_files(root: str | os.PathLike, limit: int | None = None, exclude: tupl
     return found[:limit] if limit is not None else found
 
 
+def _gzip_intact(path: Path, expected: int) -> None:
+    """Raise ``EOFError``/``zlib.error`` if a gzip file is cut short or damaged. Cheap when it is whole: its
+    trailer holds the uncompressed size (mod 2**32), and only a file whose trailer disagrees with the size its
+    header promises is decompressed (to the end) to tell a damaged file from, say, a multi-member one."""
+    import gzip
+
+    with open(path, "rb") as f:
+        f.seek(max(path.stat().st_size - 4, 0))
+        if int.from_bytes(f.read(4), "little") == expected % 2**32:
+            return
+    with gzip.open(path, "rb") as g:
+        while g.read(1 << 24):
+            pass
+
+
+def _read_failed(path: Path, e: BaseException) -> ValueError:
+    from lib.data.io import _gzip_problem, gzip_start_problem
+
+    return ValueError(f"{path}: unreadable: {gzip_start_problem(path) or _gzip_problem(path, e)}")
+
+
 def header_info(path: str | os.PathLike) -> dict:
     """Shape, voxel spacing, orientation and dtype of one file, read from its header."""
     path = Path(path)
@@ -34,10 +56,27 @@ def header_info(path: str | os.PathLike) -> dict:
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             import nibabel as nib
 
-            img = nib.load(path)
+            from lib.data.io import gzip_start_problem, voxel_size_problem
+
+            try:
+                img = nib.load(path)
+            except Exception:
+                broken = gzip_start_problem(path)
+                if broken:
+                    raise ValueError(f"{path}: unreadable: {broken}") from None
+                raise
             info.update(format="nifti", shape=tuple(int(s) for s in img.shape),
                         spacing=tuple(round(float(z), 3) for z in img.header.get_zooms()),
                         orientation="".join(nib.aff2axcodes(img.affine)), dtype=str(img.get_data_dtype()))
+            problem = voxel_size_problem(path, img)
+            if problem:
+                raise ValueError(problem)
+            if path.name.lower().endswith(".gz"):
+                nbytes = int(np.prod(img.shape)) * np.dtype(img.get_data_dtype()).itemsize
+                try:
+                    _gzip_intact(path, int(img.header.get_data_offset()) + nbytes)
+                except Exception as e:
+                    raise _read_failed(path, e) from None
         elif path.name.lower().endswith(NPY_SUFFIXES):
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             info.update(format="npy", shape=tuple(int(s) for s in array.shape), dtype=str(array.dtype))
@@ -71,19 +110,35 @@ def load_array(path: str | os.PathLike) -> np.ndarray:
     """The decoded intensities of one file: a RAS volume (first channel/time point), a 2D npy image,
     or a rescaled DICOM frame stack."""
     path = Path(path)
-    if path.name.lower().endswith(NPY_SUFFIXES):
-        return np.asarray(np.load(path, allow_pickle=False), np.float32)
-    if path.name.lower().endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
+    try:
+        if path.name.lower().endswith(NPY_SUFFIXES):
+            return np.asarray(np.load(path, allow_pickle=False), np.float32)
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            import nibabel as nib
 
-        data = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
-        while data.ndim > 3:
-            data = data[..., 0]
-        return data
-    import pydicom
+            from lib.data.io import voxel_size_problem
 
-    ds = pydicom.dcmread(path)
-    return ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+            img = nib.load(path)
+            problem = voxel_size_problem(path, img)
+            if problem:
+                raise ValueError(f"{path}: {problem}")
+            data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
+            while data.ndim > 3:
+                data = data[..., 0]
+            return data
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except MemoryError:
+        raise
+    except ValueError as e:
+        if str(e).startswith(f"{path}: "):
+            raise
+        raise _read_failed(path, e) from None
+    except Exception as e:  # EOFError, zlib.error, OSError... name the file and what is wrong with it
+        raise _read_failed(path, e) from None
+    return pixels.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
 
 
 def middle_slice(path: str | os.PathLike) -> np.ndarray:
@@ -93,22 +148,12 @@ def middle_slice(path: str | os.PathLike) -> np.ndarray:
         data = load_array(path)
         return data if data.ndim == 2 else data[data.shape[0] // 2]
     if path.name.lower().endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        img = nib.as_closest_canonical(nib.load(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        while data.ndim > 3:
-            data = data[..., 0]
+        data = load_array(path)
         if data.ndim == 3:
             data = data[:, :, data.shape[2] // 2]
         return np.rot90(data)  # RAS x→right, y→up on screen
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    arr = ds.pixel_array.astype(np.float32)
-    if arr.ndim == 3:
-        arr = arr[arr.shape[0] // 2]
-    return arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    arr = load_array(path)  # rescaled frames
+    return arr[arr.shape[0] // 2] if arr.ndim == 3 else arr
 
 
 def attach_manifest(files: pd.DataFrame, manifest: pd.DataFrame, root_prefix: str = "") -> pd.DataFrame:
@@ -142,7 +187,15 @@ def intensity_samples(root: str | os.PathLike, files: pd.DataFrame, per_group: i
     samples = {}
     readable = files[files["error"].isna()]
     for (dataset, modality), g in readable.groupby(["dataset", "modality"], sort=True):
-        values = np.concatenate([load_array(Path(root) / p).ravel() for p in g["path"].head(per_group)])
+        arrays = []
+        for p in g["path"].head(per_group):
+            try:
+                arrays.append(load_array(Path(root) / p).ravel())
+            except ValueError as e:  # one bad file is reported, and the survey goes on
+                warnings.warn(f"skipped: {e}", stacklevel=2)
+        if not arrays:
+            continue
+        values = np.concatenate(arrays)
         if values.size > max_values:
             values = rng.choice(values, max_values, replace=False)
         samples[f"{dataset} {modality}"] = values
