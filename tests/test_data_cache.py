@@ -100,3 +100,27 @@ def test_a_damaged_entry_is_rebuilt_not_read(tmp_path, source):
 def test_parameters_must_be_json(tmp_path, source):
     with pytest.raises(ValueError, match="JSON-serialisable"):
         ArrayCache(tmp_path).get(source, {"f": object()}, lambda: np.zeros(1))
+
+
+def test_a_damaged_entry_of_the_same_size_is_found_by_its_crc_and_rebuilt(tmp_path):
+    import warnings
+
+    src = tmp_path / "source.bin"
+    src.write_bytes(b"volume")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+
+    first = np.array(ArrayCache(tmp_path / "cache").get(src, {"p": 1}, compute))  # a copy: the entry is a memory map
+    (entry,) = (tmp_path / "cache").rglob("*.npy")
+    raw = bytearray(entry.read_bytes())
+    raw[-8] ^= 0xFF  # a flipped byte in the data: same size, same header
+    entry.write_bytes(bytes(raw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = ArrayCache(tmp_path / "cache").get(src, {"p": 1}, compute)
+    assert len(calls) == 2 and np.array_equal(again, first)
+    assert any("is damaged" in str(w.message) and entry.name in str(w.message) for w in caught)
+    assert np.array_equal(ArrayCache(tmp_path / "cache").get(src, {"p": 1}, compute), first) and len(calls) == 2

@@ -7,8 +7,9 @@ misses the cache instead of returning stale arrays (nnU-Net and MONAI's Persiste
 
 The cache lives under :func:`lib.paths.cache_dir` (``data/cache``; ``$MEDIMG_CACHE_DIR`` moves it, e.g.
 to a fast scratch disk). An entry is ``<root>/<key[:2]>/<key>.npy`` plus ``<key>.json`` (source,
-parameters, shape, dtype), each written to a temporary file and renamed; the JSON goes last and is
-checked against the array on read, so an entry interrupted half-way is never read: it is rebuilt.
+parameters, shape, dtype, CRC-32 of the bytes), each written to a temporary file and renamed; the JSON goes
+last and is checked against the array on read (the CRC once per entry and cache object), so an entry
+interrupted half-way, or damaged since, is never served: it is rebuilt.
 
 Source digests are computed once, not per read:
 
@@ -51,6 +52,13 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _crc32(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (C order): what a cache entry's record keeps to find a damaged entry."""
+    import zlib
+
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
 def open_npy(path: str | os.PathLike) -> np.ndarray:
     """A ``.npy`` file as a read-only array over a memory map of it: ``np.load(path, mmap_mode="r")``
     without ``np.memmap``'s Python overhead (half of a cache hit's time on a small volume)."""
@@ -88,6 +96,7 @@ class ArrayCache:
         self.root = Path(root or paths.cache_dir())
         self.hits = self.misses = 0
         self._memo: dict[tuple[str, int, int], str] = {}  # (abspath, size, mtime_ns) -> SHA-256
+        self._verified: set[str] = set()  # entries whose bytes matched their record's CRC-32 in this object
         self._unrecorded: dict[tuple[str, int, int], str] = {}  # hashed here, not yet in the index
 
     # ----------------------------------------------------------------- source digests
@@ -181,6 +190,12 @@ class ArrayCache:
         if meta.get("key") != key or list(array.shape) != meta.get("shape") or str(array.dtype) != meta.get("dtype"):
             warnings.warn(f"cache entry {array_path} does not match its record; rebuilding it")
             return None
+        if key not in self._verified and "crc32" in meta:  # once per entry and cache object (entries before: shape only)
+            if _crc32(array) != meta["crc32"]:
+                warnings.warn(f"cache entry {array_path} is damaged (its bytes do not match the CRC-32 of its record); "
+                              f"rebuilding it")
+                return None
+            self._verified.add(key)
         return array
 
     def get(self, source: str | os.PathLike, params: dict[str, Any], compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -201,6 +216,7 @@ class ArrayCache:
                 np.save(f, result, allow_pickle=False)
         write_json(meta_path, {"key": key, "source": str(source), "source_sha256": digest,
                                "params": params, "shape": list(result.shape), "dtype": str(result.dtype),
-                               "version": CACHE_VERSION})
+                               "crc32": _crc32(result), "version": CACHE_VERSION})
+        self._verified.add(key)
         self._record(token)  # after the entry: a failed computation leaves nothing under the root
         return open_npy(array_path)
