@@ -49,11 +49,18 @@ def load_classifier(path: str | os.PathLike, device: torch.device | str = "cpu")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path}: not a 09_rsna_aneurysm classifier (format {FORMAT}); give the run folder of a "
                          "09 training run or its model.pt")
+    missing = [k for k in ("encoder_config", "state_dict", "roi_mm", "depth_mm", "prevalence", "labels") if k not in obj]
+    if missing:
+        raise ValueError(f"{path}: a 09_rsna_aneurysm classifier without {', '.join(missing)}: damaged or hand-made")
     if list(obj["labels"]) != list(LABELS):
         raise ValueError(f"{path}: its labels differ from the competition's ({obj['labels'][:2]}...)")
-    encoder = WaveFormer3D(**{**obj["encoder_config"], "return_intermediate": False})
-    model = SeriesClassifier(encoder, encoder.embed_dim)
-    model.load_state_dict(obj["state_dict"])
+    try:
+        encoder = WaveFormer3D(**{**obj["encoder_config"], "return_intermediate": False})
+        model = SeriesClassifier(encoder, encoder.embed_dim)
+        model.load_state_dict(obj["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: its weights do not fit its encoder_config ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:200]})") from e
     return model.to(device).eval(), {k: v for k, v in obj.items() if k != "state_dict"}
 
 

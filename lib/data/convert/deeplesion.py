@@ -79,6 +79,9 @@ def _slices(src: Path) -> dict[str, dict[int, tuple[str, str]]]:
 
 def items(src: Path, options: dict) -> list[Item]:
     info = pd.read_csv(src / MARKER, dtype=str, keep_default_na=False)
+    missing = [c for c in ("File_name", "Patient_index", "Train_Val_Test", "Spacing_mm_px_") if c not in info.columns]
+    if missing:
+        raise ValueError(f"{src / MARKER}: missing column(s) {', '.join(missing)}")
     info["folder"] = info["File_name"].str.rsplit("_", n=1).str[0]
     by_folder = {f: g.to_dict("records") for f, g in info.groupby("folder")}
     slices = _slices(src)
@@ -148,6 +151,8 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     if len(shapes) > 1:
         raise Refused(f"slices of different sizes in one run: {sorted(shapes)}")
     sx, sy, sz = _floats(p["lesions"][0]["Spacing_mm_px_"], 3, "Spacing_mm_px_")[:3]
+    if not min(sx, sy, sz) > 0:
+        raise Refused(f"{MARKER} Spacing_mm_px_ {p['lesions'][0]['Spacing_mm_px_']!r}: voxel sizes must be > 0 mm")
     volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # [column, row, slice]
     affine = np.diag([-sx, -sy, -sz, 1.0])  # column: R->L, row: A->P, slice: S->I (module docstring)
     rel = f"images/{item.key.replace('/', '_')}.nii.gz"

@@ -71,8 +71,10 @@ def items(src: Path, options: dict) -> list[Item]:
     if missing:
         raise ValueError(f"{src / MARKER}: missing column(s) {', '.join(missing)}")
     path = src / "train_localizers.csv"
-    loc = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(
-        columns=["SeriesInstanceUID", "SOPInstanceUID", "coordinates", "location"])
+    columns = ["SeriesInstanceUID", "SOPInstanceUID", "coordinates", "location"]
+    loc = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(columns=columns)
+    if [c for c in columns if c not in loc.columns]:
+        raise ValueError(f"{path}: missing column(s) {', '.join(c for c in columns if c not in loc.columns)}")
     rows = {r["SeriesInstanceUID"]: r for r in train.to_dict("records")}
     points = {uid: g.to_dict("records") for uid, g in loc.groupby("SeriesInstanceUID")}
     uids = sorted({p.name for p in (src / "series").iterdir() if p.is_dir()} | set(rows))
@@ -163,6 +165,9 @@ def convert(item: Item, src: Path, out: Path, options: dict) -> Output:
     wanted = [m.strip() for m in (options.get("modalities") or "").split(",") if m.strip()]
     if wanted and (row or {}).get("Modality") not in wanted:
         raise Refused(f"filtered: modality {(row or {}).get('Modality', '?')} not in {','.join(wanted)}")
+    bad = [f"{c!r} is {row[c]!r}" for c in LABELS if row and row[c].strip() not in ("0", "1", "0.0", "1.0")]
+    if bad:  # before anything is written
+        raise Refused(f"{MARKER} row {uid}: {', '.join(bad)}, not 0 or 1")
     try:
         series, sequence, modality = read_series(folder, (row or {}).get("Modality"))
     except DicomSeriesError as e:
