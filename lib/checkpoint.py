@@ -158,6 +158,12 @@ def load_train_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def best_or_last(folder: str | Path) -> Path:
+    """``best.pt`` of a checkpoints folder if there is one, else ``last.pt`` (what a finished fit leaves to load)."""
+    folder = Path(folder)
+    return folder / "best.pt" if (folder / "best.pt").exists() else folder / "last.pt"
+
+
 def newest_loadable(folder: str | Path, exclude: Iterable[str | Path] = ()) -> tuple[Path, dict] | None:
     """The checkpoint in ``folder`` with the most training steps that loads, and its progress."""
     skip = {Path(p).resolve() for p in exclude}

@@ -94,6 +94,18 @@ def rank_device(device: torch.device, world: int) -> torch.device:
     return device
 
 
+def process_device(requested: str | None = None) -> torch.device:
+    """The device this process trains on: :func:`lib.device.pick_device`'s, on this rank's GPU in a process group."""
+    from lib.device import pick_device
+
+    return rank_device(pick_device(requested), rank_and_world()[1])
+
+
+def share_cores(processes: int) -> None:
+    """Torch threads for one of ``processes`` processes on this machine's CPU: its share of the cores."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+
+
 def wrap(model: torch.nn.Module, device: torch.device, **options: Any) -> DDP:
     """``model`` in DDP (on ``device``'s GPU with CUDA). ``gradient_as_bucket_view=True`` unless ``options``
     say otherwise: the gradients live in DDP's communication buckets, so no second copy of them is held

@@ -24,15 +24,9 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any
 
 from lib import config, distributed, families, multigpu, runs
-
-
-def _parse_value(text: str) -> Any:
-    import yaml  # papermill's -p parses values the same way
-
-    return yaml.safe_load(text)
+from lib.pipeline import _parse_value  # papermill's -p parsing, as lib.pipeline and lib.kaggle use it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,10 +107,8 @@ def run_rank(fn: Callable, cfg: Mapping[str, Any], run_dir: str | os.PathLike) -
     rank holds the same weights; rank 0 writes :func:`report_path`. Returns the report."""
     rank, world = distributed.init_distributed()
     cfg = Config(cfg)
-    device = distributed.rank_device(pick_device(cfg.get("device")), world)
-    if device.type == "cpu":  # the ranks share the cores
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if distributed.process_device(cfg.get("device")).type == "cpu":  # the ranks share the cores
+        distributed.share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     seed_everything(distributed.rank_seed(cfg["seed"], rank), deterministic=bool(cfg.get("deterministic", False)))
     model, result = fn(cfg, Path(run_dir))
     if result is None:  # a stage the configuration turns off (e.g. mim_epochs=0)

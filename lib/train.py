@@ -55,7 +55,7 @@ from lib import checkpoint as ckpt
 from lib import distributed
 from lib.checkpoint import (CheckpointError, ConfigMismatchError, CorruptCheckpointError,  # noqa: F401  (re-exported)
                             UnsafeCheckpointError, load_weights)
-from lib.device import autocast, needs_grad_scaler, pick_device, to_device
+from lib.device import autocast, needs_grad_scaler, to_device
 from lib.distributed import init_distributed, launch  # noqa: F401  (lib.train's interface since before the split)
 from lib.train_log import Progress, RunLog
 from lib.loaders import length as _length, loader_generators as _loader_generators, samplers as _samplers
@@ -98,7 +98,7 @@ def fit(model: torch.nn.Module, step: Callable, train_loader: Any, optimizer: to
     """
     s = settings if settings is not None else TrainSettings.from_config(config)
     rank, world = distributed.rank_and_world()
-    device = device or distributed.rank_device(pick_device(config.get("device")), world)
+    device = device or distributed.process_device(config.get("device"))
     n_batches = _length(train_loader, "train_loader")
     steps_per_epoch = math.ceil(n_batches / s.grad_accum)
     core = model.module if isinstance(model, DDP) else model

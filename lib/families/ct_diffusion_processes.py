@@ -17,7 +17,6 @@ import torch
 
 from lib import distributed, multigpu
 from lib.config import Config
-from lib.device import pick_device
 from lib.families import ct_diffusion as cd
 from lib.families.common import resume_mode
 from lib.models.diffusion import LatentDiffusion
@@ -87,7 +86,7 @@ def denoiser_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[torch.nn.Mo
         load_weights(vae, Path(out_dir).parent / "vae" / "checkpoints" / "last.pt")
     else:
         load_weights(vae, cfg["vae_checkpoint"])
-    device = distributed.rank_device(pick_device(cfg.get("device")), distributed.rank_and_world()[1])
+    device = distributed.process_device(cfg.get("device"))
     vae.to(device).eval()
     _, _, data = cd.load_pairs(cfg)
     latents = cd.encode_latents(cfg, vae, data, device)

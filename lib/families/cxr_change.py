@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from lib import metrics, multigpu
 from lib import train as loop
 from lib.atomic import write_csv
+from lib.checkpoint import best_or_last
 from lib.config import args_for, resolve
 from lib.data import radiograph
 from lib.data.paired import CXRPairs
@@ -186,8 +187,7 @@ def pretrain_encoder(cfg: Mapping[str, Any], model: nn.Module, data_loaders: Map
 
 def mim_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, loop.FitResult]:
     """The masked-reconstruction stage of 05_cxr_change in one of several processes (:mod:`lib.multigpu`)."""
-    mim, result = pretrain_encoder(cfg, build(cfg), loaders(cfg, datasets(cfg)), out_dir)
-    return mim, result
+    return pretrain_encoder(cfg, build(cfg), loaders(cfg, datasets(cfg)), out_dir)
 
 
 def change_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, loop.FitResult]:
@@ -195,8 +195,7 @@ def change_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, lo
     notebook's data and model, the encoder of the masked-reconstruction stage (``out_dir/mim``), :func:`train`."""
     model = build(cfg)
     if cfg["mim_epochs"]:
-        folder = Path(out_dir) / "mim" / "checkpoints"
-        mim = loop.load_weights(build_mim(cfg), folder / "best.pt" if (folder / "best.pt").exists() else folder / "last.pt")
+        mim = loop.load_weights(build_mim(cfg), best_or_last(Path(out_dir) / "mim" / "checkpoints"))
         model.encoder.load_state_dict(mim.encoder.state_dict())
     return model, train(cfg, model, loaders(cfg, datasets(cfg)), out_dir)
 

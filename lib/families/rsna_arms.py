@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +19,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from lib import distributed
 from lib.atomic import write_json
+from lib.checkpoint import best_or_last
 from lib.device import pick_device
 from lib.families import rsna_aneurysm as rsna
 from lib.train import load_weights
@@ -63,8 +64,7 @@ def run_grid_parallel(cfg: Mapping[str, Any], pretrained: nn.Module, sets: Mappi
     kept = None
     if KEPT in entries:
         kept = rsna.make_model(KEPT[0], pretrained, KEPT[2])
-        ckpts = folder(out_dir, KEPT) / "checkpoints"
-        load_weights(kept, ckpts / "best.pt" if (ckpts / "best.pt").exists() else ckpts / "last.pt")
+        load_weights(kept, best_or_last(folder(out_dir, KEPT) / "checkpoints"))
         kept.to(device).eval()
     return pd.DataFrame(rows), kept
 
@@ -76,7 +76,7 @@ def _share(rank: int, cfg: dict, pretrained: nn.Module, sets: Mapping, out_dir: 
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+        distributed.share_cores(n)
     for i, entry in enumerate(rsna.plan(cfg)):
         if i % n == rank:
             _, row = train_and_score(cfg, entry, pretrained, sets, out_dir, device)

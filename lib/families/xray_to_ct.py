@@ -30,7 +30,7 @@ from lib.data import transforms
 from lib.data.cache import ArrayCache
 from lib.data.paired import DRRVolumes
 from lib.data.io import Volume, load_volume, save_volume
-from lib.device import autocast, pick_device
+from lib.device import autocast
 from lib.families.common import count_parameters, data_root, resume_mode, split_loaders  # noqa: F401  (count_parameters: re-exported for the notebooks)
 from lib.families.results import row, write_heldout
 from lib.losses import medical
@@ -167,7 +167,7 @@ def train_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, loo
     lib.launch``): the notebook's data, model and loss cells, then :func:`train`."""
     data = datasets(cfg)
     model = build(cfg, volume_extent=data["train"].volume_extent(), prior=mean_volume(data["train"]))
-    device = distributed.rank_device(pick_device(cfg.get("device")), distributed.rank_and_world()[1])
+    device = distributed.process_device(cfg.get("device"))
     return model, train(cfg, model, build_loss(cfg, device), loaders(cfg, data), out_dir)
 
 
