@@ -31,11 +31,16 @@ _HOST = hashlib.sha1(platform.node().encode()).hexdigest()[:8]
 _TEMP = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first); OSError/ValueError if unreadable."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def process_start_ticks(pid: int) -> int | None:
     """Start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if unknown."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
+        return int(_proc_stat(pid)[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -52,10 +57,9 @@ def process_alive(pid: int, start_ticks: int | None = None) -> bool:
     except (OverflowError, ValueError):
         return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X"):
+        if _proc_stat(pid)[0] in ("Z", "X"):
             return False
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return True  # no /proc (or it just exited): trust os.kill
     now = process_start_ticks(pid)
     return start_ticks is None or now is None or now == start_ticks
