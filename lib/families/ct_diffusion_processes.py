@@ -23,11 +23,6 @@ from lib.models.diffusion import LatentDiffusion
 from lib.train import FitResult, TrainSettings, adamw, fit, load_weights
 
 
-# DDP's defaults: the discriminator exists only with adv_weight > 0 and then gets its gradient outside the VAE's
-# forward, which DDP's hooks see all the same (find_unused_parameters would mark it ready twice).
-VAE_DDP: dict = {}
-
-
 def fit_vae(cfg: Mapping[str, Any], vae: torch.nn.Module, data: Mapping, out_dir: Path, device: torch.device | None,
             time_budget_s: float | None) -> FitResult:
     """Stage 1's call into :func:`lib.train.fit` (in this process: one of several, or the only one)."""
@@ -37,8 +32,10 @@ def fit_vae(cfg: Mapping[str, Any], vae: torch.nn.Module, data: Mapping, out_dir
     settings = TrainSettings.from_config(cfg, epochs=cfg["vae_epochs"], grad_accum=cfg["vae_grad_accum"], ema_decay=None,
                                          time_budget_s=time_budget_s)
     optimizer = adamw(vae.parameter_groups(cfg["vae_lr"]), weight_decay=cfg["weight_decay"])
+    # DDP's defaults: the discriminator exists only with adv_weight > 0 and then gets its gradient outside the
+    # VAE's forward, which DDP's hooks see all the same (find_unused_parameters would mark it ready twice)
     return fit(vae, train_step, train, optimizer, out_dir=out_dir, config=cfg, settings=settings, val_loader=val,
-               val_step=val_step, resume=resume_mode(cfg), device=device, ddp=VAE_DDP)
+               val_step=val_step, resume=resume_mode(cfg), device=device)
 
 
 def fit_denoiser(cfg: Mapping[str, Any], ldm: LatentDiffusion, latents: Mapping, out_dir: Path,

@@ -203,13 +203,6 @@ def change_process(cfg: Mapping[str, Any], out_dir: Path) -> tuple[nn.Module, lo
 PROCESSES = ((mim_process, "mim"), (change_process, ""))  # what python -m lib.launch runs: (function, sub-folder)
 
 
-def ddp_options(cfg: Mapping[str, Any]) -> dict:
-    """DDP's defaults: a frozen encoder has no gradient (DDP leaves it out); the auxiliary networks exist only
-    when their weight is not 0, and then get their gradients outside the change model's forward, which DDP's
-    hooks see all the same (``find_unused_parameters`` would mark them ready twice)."""
-    return {}
-
-
 def mim_example(cfg: Mapping[str, Any], mim: MaskedReconstructionModel, data: CXRPairs,
                 device: torch.device) -> dict[str, torch.Tensor]:
     """The first pair's follow-up of ``data``, a mask (seeded by ``cfg.seed``), what the encoder saw and the
@@ -242,9 +235,12 @@ def train(cfg: Mapping[str, Any], model: nn.Module, data_loaders: Mapping[str, D
         optimizer = loop.adamw([p for p in net.parameters() if p.requires_grad], lr=cfg["lr"],
                                weight_decay=cfg["weight_decay"])
         settings = loop.TrainSettings.from_config(cfg, best_metric="val_soft_dice", best_mode="max")
+        # DDP's defaults: a frozen encoder has no gradient (DDP leaves it out); the auxiliary networks exist only
+        # when their weight is not 0 and get their gradients outside the change model's forward, which DDP's hooks
+        # see all the same (find_unused_parameters would mark them ready twice)
         result = loop.fit(net, step, data_loaders["train"], optimizer, out_dir=out_dir, config=cfg,
                           val_loader=data_loaders["val"], val_step=val, settings=settings, resume=resume_mode(cfg),
-                          device=device, ddp=ddp_options(cfg))
+                          device=device)
     loop.load_weights(net, result.best_checkpoint or result.checkpoint)
     return result
 
