@@ -39,7 +39,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from typing import Any
 import nbformat
 
 from lib import config, paths
+from lib.atomic import atomic_dir
 
 CODE_DATASET = "medimg-lib-code"
 # Pinned dependencies shipped as wheels to internet-off kernels: pure-Python packages that the Kaggle
@@ -273,19 +273,11 @@ def _notebook(src: Path, dst: Path, bundle: Bundle) -> None:
 def build(bundle: Bundle, out_root: str | Path | None = None) -> Path:
     """Write ``build/kaggle/<slug>/`` for ``bundle`` (replacing an older build; all or nothing)."""
     bundle.check_buildable()
-    out_root = Path(out_root or paths.ROOT / "build" / "kaggle")
-    out_root.mkdir(parents=True, exist_ok=True)
-    final = out_root / bundle.slug
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle.slug}.", dir=out_root))
-    try:
+    final = Path(out_root or paths.ROOT / "build" / "kaggle") / bundle.slug
+    with atomic_dir(final) as tmp:
         _notebook(bundle.notebook, tmp / bundle.notebook.name, bundle)
         _code_dataset(tmp / "code", bundle)
         (tmp / "kernel-metadata.json").write_text(json.dumps(bundle.metadata(), indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -67,3 +67,19 @@ def test_a_save_removes_dead_writers_temp_files_never_a_live_ones(tmp_path):
     checkpoint.save(tmp_path / "last.pt", {"w": torch.zeros(2)})
     assert not dead.exists() and live.exists() and other_host.exists()
     assert torch.equal(checkpoint.load(tmp_path / "last.pt")["w"], torch.zeros(2))
+
+
+def test_atomic_dir_replaces_a_folder_only_when_its_block_succeeds(tmp_path):
+    from lib.atomic import atomic_dir
+
+    dest = tmp_path / "bundle"
+    with atomic_dir(dest) as stage:
+        (stage / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as stage:
+            (stage / "a.txt").write_text("second")
+            raise RuntimeError("half-way")
+    assert (dest / "a.txt").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    with atomic_dir(dest) as stage:
+        (stage / "b.txt").write_text("new")
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from lib import kaggle, paths
+from lib.atomic import atomic_dir
 from lib.gpu_check.install import MANIFEST, wheel_tags
 
 PLATFORMS = ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64",
@@ -135,10 +134,7 @@ def build(dest: Path, python_version: str, budget_mib: float | None = DEFAULT_BU
     direct = {canon(re.split(r"[<>=!~ ;\[]", d)[0]) for d in deps}  # pinned by the project: ours beat the box's
     wanted = {n: r for n, r in closure([d for d in deps if canon(d.split("==")[0]) != "torch"], python_version).items()
               if n not in torch_own}
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as stage:  # dest replaced only when every wheel is in
         kaggle._collect_wheels(stage / "kaggle", None)  # the bundle's own wheels, as `lib.kaggle build` gets them
         failed = download([r for n, r in wanted.items() if n not in offline], stage, python_version)
         files = {canon(wheel_tags(p.name)[0]): p for p in [*stage.glob("*.whl"), *(stage / "kaggle").glob("*.whl")]}
@@ -154,11 +150,6 @@ def build(dest: Path, python_version: str, budget_mib: float | None = DEFAULT_BU
             "left_out": {**dropped, **failed}, "comes_with_torch": sorted(torch_own),
             "unresolved": sorted(r for n, r in wanted.items() if "==" not in r and n in files)}
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        stage.rename(dest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return manifest
 
 
